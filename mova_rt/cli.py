@@ -1,0 +1,241 @@
+"""`mova-rt` command line: generate, make-checkpoint, info.
+
+Bad input ends with one line `error: <problem and fix>` on stderr, exit code 2, no traceback and
+no output file. The flags of `generate` are the reference script's (scripts/inference_single.py,
+spec 6), with its defaults when a checkpoint is given; without --ckpt_path the embedded tiny model
+runs at small default sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+
+from . import __version__
+from .errors import MovaInputError
+
+EXIT_BAD_INPUT = 2
+REFERENCE_DEFAULTS = {"height": 720, "width": 1280, "num_frames": 193}
+
+
+def _generate_parser(sub):
+    from .pipeline import DEFAULT_NEGATIVE_PROMPT
+
+    p = sub.add_parser("generate", help="prompt (+ first frame) -> mp4 with video and audio")
+    p.add_argument("--ckpt_path", default=None,
+                   help="MOVA checkpoint folder (official layout); default: the embedded tiny model")
+    p.add_argument("--prompt", default=None, help="text prompt (required with --ckpt_path)")
+    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    p.add_argument("--ref_path", default=None,
+                   help="first-frame image; without it a white frame is used (text-to-video-audio)")
+    p.add_argument("--output_path", default="./data/samples/output.mp4")
+    p.add_argument("--num_frames", type=int, default=None, help="default 193 (tiny model: 17)")
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--height", type=int, default=None, help="default 720 (tiny model: 64)")
+    p.add_argument("--width", type=int, default=None, help="default 1280 (tiny model: 96)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--cfg_scale", type=float, default=5.0)
+    p.add_argument("--sigma_shift", type=float, default=None,
+                   help="not supported: the reference ignores it; the shift comes from "
+                        "scheduler/scheduler_config.json")
+    p.add_argument("--cp_size", type=int, default=1)
+    p.add_argument("--offload", choices=("none", "cpu", "group"), default="none")
+    p.add_argument("--offload_to_disk_path", default=None)
+    p.add_argument("--remove_video_dit", action="store_true",
+                   help="free the high-noise expert at the expert switch")
+    p.add_argument("--lora_path", default=None)
+    p.add_argument("--lora_alpha", type=float, default=None)
+    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--kernels", default="reference", help="kernel set: reference or sdpa")
+    p.add_argument("--save_latents", default=None, metavar="PATH",
+                   help="also write the final video/audio latents as safetensors")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mova-rt", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"mova-rt {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official layout")
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    sub.add_parser("info", help="version, devices and optional backends")
+    return ap
+
+
+def _unsupported(args):
+    """Accepted flags whose features are not built yet fail loudly instead of being ignored."""
+    if args.offload != "none" or args.offload_to_disk_path:
+        raise MovaInputError(f"--offload {args.offload} is not implemented yet in mova-rt; run "
+                             "with --offload none on a GPU that holds the model")
+    if args.cp_size != 1:
+        raise MovaInputError("--cp_size > 1 (context parallelism) is not implemented yet; run "
+                             "with --cp_size 1")
+    if args.sigma_shift is not None:
+        raise MovaInputError("--sigma_shift is not supported: the reference ignores it and so "
+                             "would we; edit scheduler/scheduler_config.json to change the shift")
+
+
+def _resolve_device(name):
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MovaInputError(f"--device {name} requested but CUDA is not available: use "
+                             "--device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise MovaInputError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
+    return name
+
+
+def cmd_generate(args) -> int:
+    from .config import PRESET_SIZES
+    from .media import (check_output_path, load_reference_image, save_latents, white_image,
+                        write_mp4)
+    from .pipeline import MovaPipeline, check_sizes
+    from .tiny import embedded_tiny_checkpoint
+
+    _unsupported(args)
+    tiny = args.ckpt_path is None
+    defaults = dict(zip(("height", "width", "num_frames"), PRESET_SIZES["tiny"])) if tiny \
+        else REFERENCE_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.prompt is None:
+        if not tiny:
+            raise MovaInputError("--prompt is required with --ckpt_path")
+        args.prompt = "A dog barks at a passing train while rain falls on a tin roof."
+    check_sizes(args.height, args.width, args.num_frames)
+    if args.fps <= 0:
+        raise MovaInputError(f"--fps {args.fps} must be positive")
+    check_output_path(args.output_path)
+    if args.save_latents:
+        check_output_path(args.save_latents, suffix=".safetensors")
+    device = _resolve_device(args.device)
+    if args.ref_path is not None:
+        image = load_reference_image(args.ref_path, args.height, args.width)
+    else:
+        warnings.warn("no --ref_path: generating text-to-video-audio from a white first frame, "
+                      "as the reference workflow does (expect weaker results than with an image)")
+        image = None
+    if tiny:
+        print("notice: no --ckpt_path, running the embedded tiny model with random weights: the "
+              "output is noise, useful only to check the installation", file=sys.stderr)
+        ckpt = embedded_tiny_checkpoint()
+    else:
+        ckpt = args.ckpt_path
+
+    t_start = time.perf_counter()
+    pipe = MovaPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype, kernels=args.kernels,
+                                        lora_path=args.lora_path, lora_alpha=args.lora_alpha,
+                                        lora_scale=args.lora_scale)
+    if image is None:
+        from .media import image_to_tensor
+        image = image_to_tensor(white_image(args.height, args.width))
+    out = pipe(args.prompt, image, negative_prompt=args.negative_prompt,
+               num_frames=args.num_frames, fps=args.fps, seed=args.seed,
+               num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
+               remove_video_dit=args.remove_video_dit, progress=args.progress)
+    t0 = time.perf_counter()
+    write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
+    out.timings["mux"] = time.perf_counter() - t0
+    if args.save_latents:
+        save_latents(args.save_latents, out.video_latents, out.audio_latents,
+                     {"seed": str(args.seed), "prompt": args.prompt, "ckpt": os.path.abspath(ckpt),
+                      "steps": str(args.num_inference_steps), "cfg_scale": str(args.cfg_scale),
+                      "dtype": args.dtype, "mova_rt": __version__})
+    _summary(pipe, out, args, time.perf_counter() - t_start)
+    return 0
+
+
+def _summary(pipe, out, args, total):
+    import torch
+
+    t = out.timings
+    steps = args.num_inference_steps
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+    vram = "n/a (cpu)"
+    if pipe.device.type == "cuda":
+        vram = f"{torch.cuda.max_memory_allocated(pipe.device) / 1024 ** 3:.2f} GiB"
+    print(f"wrote {args.output_path}: {out.frames.shape[0]} frames {out.frames.shape[2]}x"
+          f"{out.frames.shape[1]} @ {args.fps:g} fps + {out.sample_rate} Hz audio", file=sys.stderr)
+    print(f"time: load {pipe.load_seconds:.2f}s | text {t['text']:.2f}s | vae encode "
+          f"{t['vae_encode']:.2f}s | denoise {t['denoise']:.2f}s ({t['denoise'] / steps:.3f} s/step, "
+          f"{out.forwards} forwards) | decode {t['decode']:.2f}s | mux {t['mux']:.2f}s | total "
+          f"{total:.2f}s", file=sys.stderr)
+    print(f"memory: peak VRAM {vram} | peak host RSS {rss_gb:.2f} GiB", file=sys.stderr)
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .checkpoint import make_checkpoint
+
+    make_checkpoint(args.preset, args.out, args.seed)
+    print(f"wrote {args.preset} checkpoint to {args.out}")
+    return 0
+
+
+def _probe(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+        return f"yes ({getattr(mod, '__version__', 'version unknown')})"
+    except Exception as e:  # an optional backend may fail in any way on import
+        return f"no ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    print(f"mova-rt {__version__} | python {platform.python_version()} | torch {torch.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"device cuda:{i}: {p.name}, {p.total_memory / 1024 ** 3:.1f} GiB, "
+                  f"sm_{p.major}{p.minor}")
+    else:
+        print("device: cpu only (torch.cuda.is_available() is False)")
+    print(f"triton: {_probe('triton')}")
+    print(f"flash-attn: {_probe('flash_attn')}")
+    print(f"tensorrt: {_probe('tensorrt')}")
+    print(f"cuda extension (mova_rt._C): {_probe('mova_rt._C')}")
+    from .ops import KERNEL_SETS
+    print(f"kernel sets: {', '.join(KERNEL_SETS)}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
+def main(argv=None) -> int:
+    warnings.formatwarning = _one_line_warning
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint,
+               "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except MovaInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

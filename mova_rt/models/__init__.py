@@ -1,0 +1,1 @@
+"""The networks of MOVA, one plain module per file."""

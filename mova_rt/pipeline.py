@@ -1,0 +1,210 @@
+"""MovaPipeline: prompt + first frame -> video frames, waveform and latents (spec 1.0, 3).
+
+The exact ("reference") path of mova-rt. Order of work and every rounding follow the reference
+pipeline: seeded noise (video, then audio, fp32, one generator on the target device), conditioning
+clip through the video VAE, two prompt encodings, the Euler loop with the expert switch at the
+first t < boundary_ratio * 1000 and text CFG with one scale (a single pass when the scale is 1),
+latents fp32 between steps, video VAE decode, DAC decode in fp32.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import MovaConfig, load_config
+from .errors import MovaInputError
+from .loader import load_state
+from .lora import merge_lora
+from .models.audio_dit import AudioDiT
+from .models.audio_vae import DacVAE, fold_weight_norm
+from .models.bridge import Bridge
+from .models.dual_tower import dual_tower_forward
+from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenizer,
+                                  tie_umt5_embeddings, umt5_expected_keys)
+from .models.video_dit import VideoDiT
+from .models.video_vae import build_video_vae, decode_frames, encode_condition
+from .ops import resolve
+from .scheduler import FlowMatchScheduler
+
+# The reference script's default negative prompt: the first 16 phrases of Wan's (spec 1.1).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，"
+    "整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指"
+)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class MovaOutput:
+    frames: np.ndarray            # uint8 [F, H, W, 3]
+    waveform: np.ndarray          # float32 [S], the full DAC output (L_a * hop samples)
+    sample_rate: int
+    fps: float
+    video_latents: torch.Tensor   # fp32 [1, z, T, h, w] (normalised, as the sampler ends)
+    audio_latents: torch.Tensor   # fp32 [1, C_a, L_a]
+    timings: dict = field(default_factory=dict)
+    forwards: int = 0             # dual-tower forwards run
+
+
+def check_sizes(height: int, width: int, num_frames: int, spatial: int = 8, temporal: int = 4):
+    factor = spatial * 2  # VAE stride x patch size
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise MovaInputError(f"--height {height} / --width {width} must be positive multiples of "
+                             f"{factor} (e.g. 352x640 or 720x1280)")
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise MovaInputError(f"--num_frames {num_frames} must be 1 more than a multiple of "
+                             f"{temporal} (e.g. 193 or 121)")
+
+
+def audio_latent_length(sample_rate: int, hop: int, num_frames: int, fps: float) -> int:
+    """Audio latents for a clip of num_frames at fps (spec 1.7): int(sr * F / fps) samples."""
+    samples = int(sample_rate * num_frames / fps)
+    return (samples - 1) // hop + 1
+
+
+class MovaPipeline:
+    def __init__(self, cfg: MovaConfig, modules: dict, device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.video_dit = modules["video_dit"]
+        self.video_dit_2 = modules["video_dit_2"]
+        self.audio_dit = modules["audio_dit"]
+        self.bridge = modules["dual_tower_bridge"]
+        self.video_vae = modules["video_vae"]
+        self.audio_vae = modules["audio_vae"]
+        self.text_encoder: TextEncoder = modules["text_encoder"]
+        self.load_seconds = 0.0
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16,
+                        kernels: str = "reference", lora_path: str | None = None,
+                        lora_alpha: float | None = None, lora_scale: float = 1.0):
+        t0 = time.perf_counter()
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise MovaInputError(f"--dtype {dtype} is not supported: use bf16 or fp32")
+            dtype = DTYPES[dtype]
+        device = torch.device(device)
+        cfg = load_config(path)
+        ops = resolve(kernels)
+        with torch.device("meta"):
+            towers = {"video_dit": VideoDiT(cfg.video_dit, ops),
+                      "video_dit_2": VideoDiT(cfg.video_dit_2, ops),
+                      "audio_dit": AudioDiT(cfg.audio_dit, ops),
+                      "dual_tower_bridge": Bridge(cfg.bridge, ops),
+                      "audio_vae": DacVAE(cfg.audio_vae)}
+        modules = {}
+        for name, module in towers.items():
+            fold = fold_weight_norm if (name == "audio_vae" and cfg.audio_vae.use_weight_norm) else None
+            modules[name] = load_state(module, path, name, dtype, device, transform=fold)
+        # The reference runs the DAC in fp32 (autocast) on weights rounded to the pipeline dtype.
+        modules["audio_vae"] = modules["audio_vae"].float()
+        modules["video_vae"] = load_state(build_video_vae(cfg.video_vae), path, "video_vae",
+                                          dtype, device)
+        umt5 = build_umt5_encoder(cfg.text_encoder)
+        umt5 = load_state(umt5, path, "text_encoder", dtype, device,
+                          expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings)
+        import os
+        modules["text_encoder"] = TextEncoder(load_tokenizer(os.path.join(path, "tokenizer")), umt5)
+        if lora_path:
+            merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
+                                                 "dual_tower_bridge")},
+                       lora_path, alpha=lora_alpha, scale=lora_scale)
+        pipe = cls(cfg, modules, device, dtype)
+        pipe.load_seconds = time.perf_counter() - t0
+        return pipe
+
+    # ----------------------------------------------------------------------------------------
+    def _forward(self, dit, video_in, audio_in, text, t, fps):
+        return dual_tower_forward(dit, self.audio_dit, self.bridge, video_in, audio_in, text, t, fps)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, image: torch.Tensor, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+                 num_frames: int = 193, fps: float = 24.0, seed: int = 42,
+                 num_inference_steps: int = 50, cfg_scale: float = 5.0,
+                 remove_video_dit: bool = False, progress: bool = True) -> MovaOutput:
+        """image: [1, 3, H, W] in [-1, 1] (see media.load_reference_image); H, W, F checked."""
+        _, _, height, width = image.shape
+        vae = self.cfg.video_vae
+        check_sizes(height, width, num_frames, vae.scale_factor_spatial, vae.scale_factor_temporal)
+        if fps <= 0:
+            raise MovaInputError(f"--fps {fps} must be positive")
+        if num_inference_steps < 1:
+            raise MovaInputError("--num_inference_steps must be at least 1")
+        dev, timings = self.device, {}
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+        # Noise first, video then audio, from one generator seeded with `seed` (spec 10.8, 10.14).
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        t_lat = (num_frames - 1) // vae.scale_factor_temporal + 1
+        h_lat, w_lat = height // vae.scale_factor_spatial, width // vae.scale_factor_spatial
+        latents = torch.randn((1, vae.z_dim, t_lat, h_lat, w_lat), generator=gen, device=dev,
+                              dtype=torch.float32)
+        l_a = audio_latent_length(self.audio_vae.sample_rate, self.audio_vae.hop_length,
+                                  num_frames, fps)
+        audio = torch.randn((1, self.audio_vae.latent_dim, l_a), generator=gen, device=dev,
+                            dtype=torch.float32)
+
+        t0 = time.perf_counter()
+        cond = encode_condition(self.video_vae, vae, image.to(dev, torch.float32), num_frames)
+        mask = torch.zeros((1, vae.scale_factor_temporal, t_lat, h_lat, w_lat), device=dev)
+        mask[:, :, 0] = 1.0                         # latent frame 0 is the given first frame
+        condition = torch.cat([mask, cond], dim=1)  # [1, 4 + z, T, h, w]
+        sync()
+        timings["vae_encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        pos = self.text_encoder.encode([prompt], dev, self.dtype)
+        neg = self.text_encoder.encode([negative_prompt], dev, self.dtype) if cfg_scale != 1.0 else None
+        sync()
+        timings["text"] = time.perf_counter() - t0
+
+        sched = FlowMatchScheduler(self.cfg.scheduler, num_inference_steps)
+        steps = sched.timesteps.tolist()
+        switch_at = sched.expert_switch_index(self.cfg.pipeline.boundary_ratio)
+        dit, forwards = self.video_dit, 0
+        t0 = time.perf_counter()
+        for i in tqdm(range(len(steps)), desc="denoise", unit="step", disable=not progress):
+            if i == switch_at:
+                dit = self.video_dit_2
+                if remove_video_dit:
+                    self.video_dit = None
+                    gc.collect()
+            t = torch.tensor([steps[i]], dtype=torch.float32, device=dev)
+            model_in = torch.cat([latents, condition], dim=1)
+            v_pos, a_pos = self._forward(dit, model_in, audio, pos, t, fps)
+            forwards += 1
+            v_vel, a_vel = v_pos.float(), a_pos.float()
+            if cfg_scale != 1.0:
+                v_neg, a_neg = self._forward(dit, model_in, audio, neg, t, fps)
+                forwards += 1
+                v_vel = v_neg.float() + cfg_scale * (v_vel - v_neg.float())
+                a_vel = a_neg.float() + cfg_scale * (a_vel - a_neg.float())
+            t_next = steps[i + 1] if i + 1 < len(steps) else None
+            latents = sched.step(v_vel, steps[i], t_next, latents)
+            audio = sched.step(a_vel, steps[i], t_next, audio)
+        sync()
+        timings["denoise"] = time.perf_counter() - t0
+
+        bad = [n for n, x in (("video", latents), ("audio", audio)) if not torch.isfinite(x).all()]
+        if bad:
+            raise MovaInputError(f"the {' and '.join(bad)} latents hold NaN/Inf after denoising, "
+                                 "so nothing was decoded: the weights or inputs overflow; try "
+                                 "--dtype fp32 or check the checkpoint")
+
+        t0 = time.perf_counter()
+        frames = decode_frames(self.video_vae, vae, latents)
+        wave = self.audio_vae.decode(audio.float())[0, 0].float().cpu().numpy()
+        sync()
+        timings["decode"] = time.perf_counter() - t0
+        return MovaOutput(frames=frames.numpy(), waveform=wave, sample_rate=self.audio_vae.sample_rate,
+                          fps=fps, video_latents=latents.cpu(), audio_latents=audio.cpu(),
+                          timings=timings, forwards=forwards)
