@@ -4,3 +4,38 @@ import os
 # module is imported (see ../shared/docs/environment.md).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny checkpoint in the official layout, written once per session (read-only use)."""
+    from mova_rt.checkpoint import make_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    make_checkpoint("tiny", str(path), seed=0)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_copy(tiny_ckpt, tmp_path):
+    """A private copy of the tiny checkpoint that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_ckpt, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_fp32(tiny_ckpt):
+    from mova_rt.pipeline import MovaPipeline
+
+    return MovaPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32")
