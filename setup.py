@@ -22,6 +22,6 @@ setup(
         "sentencepiece",
         "tokenizers",
     ],
-    extras_require={"triton": ["triton>=3.3"], "test": ["pytest"]},
+    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},
 )
