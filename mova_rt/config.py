@@ -97,7 +97,8 @@ def read_json(path: str, what: str) -> dict:
 # DiTs (WanModel / WanAudioModel config.json)
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class VideoDiTConfig:
+class DiTConfig:
+    """Fields shared by WanModel (video) and WanAudioModel (audio) config.json."""
     dim: int = _req()
     in_dim: int = _req()
     ffn_dim: int = _req()
@@ -117,10 +118,6 @@ class VideoDiTConfig:
     require_vae_embedding: bool = True
     require_clip_embedding: bool = True
     fuse_vae_embedding_in_latents: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        _check_dit(self, "video DiT", n_patch=3)
 
     @property
     def head_dim(self) -> int:
@@ -128,26 +125,14 @@ class VideoDiTConfig:
 
 
 @dataclass(frozen=True)
-class AudioDiTConfig:
-    dim: int = _req()
-    in_dim: int = _req()
-    ffn_dim: int = _req()
-    out_dim: int = _req()
-    text_dim: int = _req()
-    freq_dim: int = _req()
-    eps: float = _req()
-    patch_size: tuple = _req()
-    num_heads: int = _req()
-    num_layers: int = _req()
-    has_image_input: bool = _req()
-    has_image_pos_emb: bool = False
-    has_ref_conv: bool = False
-    add_control_adapter: bool = False
-    in_dim_control_adapter: int = 24
-    seperated_timestep: bool = False
-    require_vae_embedding: bool = True
-    require_clip_embedding: bool = True
-    fuse_vae_embedding_in_latents: bool = False
+class VideoDiTConfig(DiTConfig):
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        _check_dit(self, "video DiT", n_patch=3)
+
+
+@dataclass(frozen=True)
+class AudioDiTConfig(DiTConfig):
     vae_type: str = "oobleck"
 
     def __post_init__(self):
@@ -156,10 +141,6 @@ class AudioDiTConfig:
         if self.vae_type != "dac":
             raise ValueError(f"vae_type '{self.vae_type}' is not supported (MOVA uses 'dac'; "
                              "'oobleck' is the legacy audio tower)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
 
 def _check_dit(cfg, what: str, n_patch: int):

@@ -202,3 +202,18 @@ def test_weight_norm_checkpoint_is_folded(tiny_copy):
     pipe = MovaPipeline.from_pretrained(tiny_copy, device="cpu", dtype="fp32")
     for k, t in plain.items():
         assert torch.allclose(pipe.audio_vae.state_dict()[k], t, rtol=1e-5, atol=1e-6), k
+
+
+def test_config_missing_field_and_unsupported_value(tiny_copy):
+    p = os.path.join(tiny_copy, "video_dit", "config.json")
+    cfg = json.load(open(p))
+    del cfg["num_heads"]
+    json.dump(cfg, open(p, "w"))
+    _err(tiny_copy, "video_dit/config.json has no field 'num_heads'")
+    cfg["num_heads"] = 2
+    json.dump(cfg, open(p, "w"))
+    p = os.path.join(tiny_copy, "audio_dit", "config.json")
+    cfg = json.load(open(p))
+    cfg["vae_type"] = "oobleck"
+    json.dump(cfg, open(p, "w"))
+    _err(tiny_copy, "vae_type 'oobleck' is not supported")
