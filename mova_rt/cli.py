@@ -105,8 +105,7 @@ def _resolve_device(name):
 
 def cmd_generate(args) -> int:
     from .config import PRESET_SIZES
-    from .media import (check_output_path, load_reference_image, save_latents, white_image,
-                        write_mp4)
+    from .media import check_output_path, load_reference_image, save_latents, write_mp4
     from .pipeline import MovaPipeline, check_sizes
     from .tiny import embedded_tiny_checkpoint
 
@@ -128,12 +127,12 @@ def cmd_generate(args) -> int:
     if args.save_latents:
         check_output_path(args.save_latents, suffix=".safetensors")
     device = _resolve_device(args.device)
-    if args.ref_path is not None:
+    image = None
+    if args.ref_path is not None:  # read before the weights, so a bad image fails fast
         image = load_reference_image(args.ref_path, args.height, args.width)
     else:
         warnings.warn("no --ref_path: generating text-to-video-audio from a white first frame, "
                       "as the reference workflow does (expect weaker results than with an image)")
-        image = None
     if tiny:
         print("notice: no --ckpt_path, running the embedded tiny model with random weights: the "
               "output is noise, useful only to check the installation", file=sys.stderr)
@@ -145,10 +144,8 @@ def cmd_generate(args) -> int:
     pipe = MovaPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype, kernels=args.kernels,
                                         lora_path=args.lora_path, lora_alpha=args.lora_alpha,
                                         lora_scale=args.lora_scale)
-    if image is None:
-        from .media import image_to_tensor
-        image = image_to_tensor(white_image(args.height, args.width))
-    out = pipe(args.prompt, image, negative_prompt=args.negative_prompt,
+    out = pipe(args.prompt, image, height=args.height, width=args.width,
+               negative_prompt=args.negative_prompt,
                num_frames=args.num_frames, fps=args.fps, seed=args.seed,
                num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
                remove_video_dit=args.remove_video_dit, progress=args.progress)

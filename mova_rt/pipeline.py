@@ -123,15 +123,37 @@ class MovaPipeline:
         return pipe
 
     # ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _first_frame(image, ref_path, height, width) -> torch.Tensor:
+        from PIL import Image
+
+        from .media import crop_and_resize, image_to_tensor, load_reference_image, white_image
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 4 or image.shape[:2] != (1, 3):
+                raise MovaInputError(f"image tensor must be [1, 3, H, W], got {tuple(image.shape)}")
+            return image
+        if height is None or width is None:
+            raise MovaInputError("height and width are required unless image is a tensor")
+        if isinstance(image, Image.Image):
+            return image_to_tensor(crop_and_resize(image.convert("RGB"), height, width))
+        if ref_path is not None:
+            return load_reference_image(ref_path, height, width)
+        return image_to_tensor(white_image(height, width))
+
     def _forward(self, dit, video_in, audio_in, text, t, fps):
         return dual_tower_forward(dit, self.audio_dit, self.bridge, video_in, audio_in, text, t, fps)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, image: torch.Tensor, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+    def __call__(self, prompt: str, image=None, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
                  num_frames: int = 193, fps: float = 24.0, seed: int = 42,
                  num_inference_steps: int = 50, cfg_scale: float = 5.0,
-                 remove_video_dit: bool = False, progress: bool = True) -> MovaOutput:
-        """image: [1, 3, H, W] in [-1, 1] (see media.load_reference_image); H, W, F checked."""
+                 remove_video_dit: bool = False, progress: bool = True,
+                 ref_path: str | None = None, height: int | None = None,
+                 width: int | None = None) -> MovaOutput:
+        """The CLI's arguments. The first frame is `image` (a [1, 3, H, W] tensor in [-1, 1], or a
+        PIL image that is centre-cropped and resized to height x width), or the file `ref_path`,
+        or, when neither is given, a white frame (text-to-video-audio)."""
+        image = self._first_frame(image, ref_path, height, width)
         _, _, height, width = image.shape
         vae = self.cfg.video_vae
         check_sizes(height, width, num_frames, vae.scale_factor_spatial, vae.scale_factor_temporal)

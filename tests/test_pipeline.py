@@ -125,3 +125,22 @@ def test_white_first_frame():
 def test_audio_latent_length_matches_spec():
     assert pl.audio_latent_length(48000, 960, 193, 24.0) == 403
     assert pl.audio_latent_length(48000, 960, 121, 24.0) == 253
+
+
+def test_api_takes_the_cli_arguments(tiny_pipe_fp32, monkeypatch, tmp_path):
+    """A file path, a PIL image, or nothing (white frame), with height/width as on the CLI."""
+    from PIL import Image
+    img = Image.fromarray((torch.rand(90, 150, 3) * 255).byte().numpy())
+    img.save(tmp_path / "r.png")
+    firsts = []
+    for image, ref in ((None, str(tmp_path / "r.png")), (img, None), (None, None)):
+        spy = Spy(tiny_pipe_fp32)
+        monkeypatch.setattr(tiny_pipe_fp32, "_forward", spy)
+        out = tiny_pipe_fp32("a prompt", image, ref_path=ref, height=H, width=W, num_frames=F_,
+                             cfg_scale=1.0, num_inference_steps=1, progress=False)
+        assert out.frames.shape == (F_, H, W, 3)
+        firsts.append(spy.calls[0]["video_in"][:, 20:])
+    assert torch.equal(firsts[0], firsts[1])       # path and PIL image give the same condition
+    assert not torch.equal(firsts[0], firsts[2])   # the white frame differs
+    with pytest.raises(MovaInputError, match="height and width"):
+        tiny_pipe_fp32("x", None, num_frames=F_, progress=False)
