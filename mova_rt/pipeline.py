@@ -10,6 +10,7 @@ latents fp32 between steps, video VAE decode, DAC decode in fp32.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -112,7 +113,6 @@ class MovaPipeline:
         umt5 = build_umt5_encoder(cfg.text_encoder)
         umt5 = load_state(umt5, path, "text_encoder", dtype, device,
                           expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings)
-        import os
         modules["text_encoder"] = TextEncoder(load_tokenizer(os.path.join(path, "tokenizer")), umt5)
         if lora_path:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",

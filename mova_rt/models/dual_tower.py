@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .audio_dit import AudioDiT
 from .bridge import Bridge
@@ -53,6 +52,3 @@ def dual_tower_forward(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge,
     audio_v = audio_dit.unpatchify(audio_dit.head(ax, at), agrid)
     return video_v, audio_v
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
