@@ -87,13 +87,18 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def _by_file(where: dict[str, str]) -> dict[str, list[str]]:
+    """key -> path  becomes  path -> keys, so each file is opened once."""
+    out: dict[str, list[str]] = {}
+    for key, path in where.items():
+        out.setdefault(path, []).append(key)
+    return out
+
+
 def _headers(files: dict[str, str], component: str, folder: str):
     """key -> (shape, dtype) from the safetensors headers, without reading tensor data."""
-    by_file: dict[str, list[str]] = {}
-    for key, path in files.items():
-        by_file.setdefault(path, []).append(key)
     meta = {}
-    for path, keys in by_file.items():
+    for path, keys in _by_file(files).items():
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 present = set(f.keys())
@@ -113,13 +118,18 @@ def _headers(files: dict[str, str], component: str, folder: str):
     return meta
 
 
-def _read(path: str, key: str, component: str) -> torch.Tensor:
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
-    except Exception as e:
-        raise MovaInputError(f"{path} cannot be read ({_short(e)}): the {component} weights are "
-                             "truncated or corrupt; download them again") from None
+def _read_all(where: dict[str, str], component: str, convert=lambda t: t) -> dict:
+    """key -> convert(tensor) for key -> path, each file opened once, one host tensor at a time."""
+    out = {}
+    for path, keys in _by_file(where).items():
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for k in sorted(keys):
+                    out[k] = convert(f.get_tensor(k))
+        except Exception as e:
+            raise MovaInputError(f"{path} cannot be read ({_short(e)}): the {component} weights "
+                                 "are truncated or corrupt; download them again") from None
+    return out
 
 
 def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
@@ -142,7 +152,8 @@ def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
         where = {renames.get(k, k): (p, k) for k, p in files.items()}
         loaded = None
     else:
-        loaded = transform({renames.get(k, k): _read(p, k, component) for k, p in files.items()})
+        raw = _read_all(files, component)
+        loaded = transform({renames.get(k, k): t for k, t in raw.items()})
         meta = {k: (tuple(t.shape), t.dtype) for k, t in loaded.items()}
         where = {k: (files.get(k, folder), k) for k in loaded}
 
@@ -169,22 +180,13 @@ def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
             raise MovaInputError(f"{component}: tensor {k} in {where[k][0]} has dtype {dt}, "
                                  "expected bf16/fp16/fp32; the file is not a MOVA weight file")
 
-    state = {}
     if loaded is not None:
         state = {k: loaded[k].to(device=device, dtype=dtype) for k in want}
     else:
-        by_file: dict[str, list[str]] = {}
-        for k in want:
-            by_file.setdefault(where[k][0], []).append(k)
-        for path, keys in by_file.items():
-            try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for k in sorted(keys):
-                        state[k] = f.get_tensor(where[k][1]).to(device=device, dtype=dtype)
-            except Exception as e:
-                raise MovaInputError(f"{path} cannot be read ({_short(e)}): the {component} "
-                                     "weights are truncated or corrupt; download them "
-                                     "again") from None
+        # Read under the checkpoint's own names, cast on the way, store under ours.
+        by_name = _read_all({where[k][1]: where[k][0] for k in want}, component,
+                            lambda t: t.to(device=device, dtype=dtype))
+        state = {k: by_name[where[k][1]] for k in want}
     module.load_state_dict(state, strict=False, assign=True)
     del state
     if finalize is not None:
