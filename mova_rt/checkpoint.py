@@ -36,23 +36,28 @@ SINGLE = {"audio_dit": "diffusion_pytorch_model", "dual_tower_bridge": "diffusio
           "video_vae": "diffusion_pytorch_model", "audio_vae": "diffusion_pytorch_model"}
 
 
-def _randomize(module: nn.Module, gen: torch.Generator):
-    """Well-scaled random values for every parameter of `module` (materialised on the CPU)."""
-    module.to_empty(device="cpu")
+def randomize_(module: nn.Module, gen: torch.Generator, device="cpu"):
+    """Materialise `module` (built on meta) on `device` with well-scaled random values drawn from
+    `gen` (a generator on that device): the tiny checkpoints and the benchmark's weights."""
+    module.to_empty(device=device)
     for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+
+        def randn():  # fp32 draws, rounded once to the parameter's dtype by copy_
+            return torch.randn(p.shape, generator=gen, device=p.device)
+
         with torch.no_grad():
             if leaf == "modulation":
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+                p.copy_(randn() / math.sqrt(p.shape[-1]))
             elif leaf == "bias":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(randn() * 0.02)
             elif leaf == "alpha":  # DAC Snake
-                p.copy_(1.0 + 0.1 * torch.rand(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * torch.rand(p.shape, generator=gen, device=p.device))
             elif p.dim() == 1:  # norm gains
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * randn())
             else:
                 fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+                p.copy_(randn() / math.sqrt(fan_in))
     for _, b in module.named_buffers():
         if b.is_floating_point():
             b.zero_()
@@ -120,9 +125,9 @@ def _fill(cfg: MovaConfig, root: str, seed: int):
     dtypes = {"video_vae": fp32, "audio_vae": fp32}
     for name, module in towers.items():
         _write_component(os.path.join(root, name), name,
-                         _state(_randomize(module, gen), dtypes.get(name, bf16)))
+                         _state(randomize_(module, gen), dtypes.get(name, bf16)))
         del module
-    text = _randomize(build_umt5_encoder(cfg.text_encoder), gen)
+    text = randomize_(build_umt5_encoder(cfg.text_encoder), gen)
     # The hub index lists `shared.weight` and the encoder tensors; the encoder's embed_tokens
     # is tied to `shared` and not stored.
     _write_component(os.path.join(root, "text_encoder"), "text_encoder",

@@ -31,6 +31,7 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
 from .ops import resolve
+from .sampler import GuidedStep
 from .scheduler import FlowMatchScheduler
 
 # The reference script's default negative prompt: the first 16 phrases of Wan's (spec 1.1).
@@ -190,29 +191,18 @@ class MovaPipeline:
         timings["text"] = time.perf_counter() - t0
 
         sched = FlowMatchScheduler(self.cfg.scheduler, num_inference_steps)
-        steps = sched.timesteps.tolist()
         switch_at = sched.expert_switch_index(self.cfg.pipeline.boundary_ratio)
-        dit, forwards = self.video_dit, 0
+        step = GuidedStep(self._forward, sched, cfg_scale, fps)
+        dit = self.video_dit
         t0 = time.perf_counter()
-        for i in tqdm(range(len(steps)), desc="denoise", unit="step", disable=not progress):
+        for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
             if i == switch_at:
                 dit = self.video_dit_2
                 if remove_video_dit:
                     self.video_dit = None
                     gc.collect()
-            t = torch.tensor([steps[i]], dtype=torch.float32, device=dev)
-            model_in = torch.cat([latents, condition], dim=1)
-            v_pos, a_pos = self._forward(dit, model_in, audio, pos, t, fps)
-            forwards += 1
-            v_vel, a_vel = v_pos.float(), a_pos.float()
-            if cfg_scale != 1.0:
-                v_neg, a_neg = self._forward(dit, model_in, audio, neg, t, fps)
-                forwards += 1
-                v_vel = v_neg.float() + cfg_scale * (v_vel - v_neg.float())
-                a_vel = a_neg.float() + cfg_scale * (a_vel - a_neg.float())
-            t_next = steps[i + 1] if i + 1 < len(steps) else None
-            latents = sched.step(v_vel, steps[i], t_next, latents)
-            audio = sched.step(a_vel, steps[i], t_next, audio)
+            latents, audio = step(dit, i, latents, audio, condition, pos, neg)
+        forwards = step.forwards_per_step * len(step.timesteps)
         sync()
         timings["denoise"] = time.perf_counter() - t0
 
