@@ -1,5 +1,6 @@
 """Installs mova-rt. `kernels/` ships as the subpackage `mova_rt.kernels` (never as a bare
-top-level `kernels`, a name another PyPI package owns)."""
+top-level `kernels`, a name another PyPI package owns) and `benchmarks/` as `mova_rt.benchmarks`
+(the code behind `mova-rt bench`)."""
 from setuptools import setup
 
 setup(
@@ -7,8 +8,8 @@ setup(
     version="0.1.0",
     description="A performance-engineered inference runtime for MOVA (video + audio generation)",
     python_requires=">=3.10",
-    packages=["mova_rt", "mova_rt.models", "mova_rt.kernels"],
-    package_dir={"mova_rt.kernels": "kernels"},
+    packages=["mova_rt", "mova_rt.models", "mova_rt.kernels", "mova_rt.benchmarks"],
+    package_dir={"mova_rt.kernels": "kernels", "mova_rt.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.11",
         "numpy",
@@ -22,6 +23,7 @@ setup(
         "sentencepiece",
         "tokenizers",
     ],
-    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11"]},
+    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11"],
+                    "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`mova-rt` command line: generate, make-checkpoint, info.
+"""`mova-rt` command line: generate, make-checkpoint, info, bench.
 
 Bad input ends with one line `error: <problem and fix>` on stderr, exit code 2, no traceback and
 no output file. The flags of `generate` are the reference script's (scripts/inference_single.py,
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="version, devices and optional backends")
+    from .benchmarks.suite import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return ap
 
 
@@ -215,6 +217,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .benchmarks.suite import run
+
+    return run(args)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
@@ -223,7 +231,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint,
-               "info": cmd_info}[args.command]
+               "info": cmd_info, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except MovaInputError as e:

@@ -1,0 +1,229 @@
+"""Per-op microbenchmarks at the real shapes of a clip (`mova-rt bench --ops`).
+
+Every op kind the step spends its time in, at the sizes the preset (or --height/--width/
+--num_frames) gives, for each backend available here:
+- attention: video self-attention (L_v x L_v, 40 heads x 128 at full size), audio self-attention,
+  the bridge both ways (a2v: L_v queries x L_a keys; v2a: L_a queries x L_v keys), text
+  cross-attention (L_v x 512). FLOPs = 4 Lq Lk H D. Backends: each registered in mova_rt.ops, the
+  SDPA sub-backends on CUDA (flash, cuDNN, memory-efficient, math), flash-attn when installed, and
+  eager matmul-softmax; a backend whose L x L scores would not fit is skipped with the reason.
+- the DiT linear shapes (video, audio, bridge, text K/V): 2 M K N FLOPs.
+- memory-bound glue: interleaved RoPE (each registered backend), LayerNorm + modulation,
+  the gated residual, the affine norm3. GB/s = bytes read + written once (the minimum traffic).
+Each result has median / min / max ms and its rate against the ceiling of the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mova_rt.config import MovaConfig
+from mova_rt.models.video_dit import modulate, rope_3d_tables
+from mova_rt.ops import _REGISTRY
+
+from .flops import Shapes
+from .measure import GIB, spread, sync, time_op
+
+BF16 = torch.bfloat16
+
+
+@dataclass
+class OpCase:
+    name: str
+    shape: str
+    unit: str                              # "TFLOP/s" or "GB/s"
+    work: float                            # FLOPs or bytes per call
+    make_inputs: Callable                  # () -> tuple of tensors
+    backends: dict = field(default_factory=dict)   # name -> fn(*inputs) or a skip reason (str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def _sdpa_backend(backend):
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return _REGISTRY["attention"]["sdpa"](q, k, v)
+    return fn
+
+
+def attention_eager(q, k, v):
+    """softmax(q k^T / sqrt(D)) v with the scores materialised in fp32."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))          # [B, H, L, D]
+    scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.matmul(scores.softmax(-1), vt.float()).to(q.dtype).transpose(1, 2)
+
+
+def attention_backends(device: torch.device, lq: int, lk: int, heads: int,
+                       budget_bytes: int) -> dict:
+    out = {name: fn for name, fn in _REGISTRY["attention"].items()}
+    scores_bytes = 4 * heads * lq * lk
+    too_big = (f"the {heads} x {lq} x {lk} fp32 scores need {scores_bytes / GIB:.1f} GiB"
+               if scores_bytes > budget_bytes else None)
+    if device.type == "cuda":
+        out["sdpa-flash"] = _sdpa_backend(SDPBackend.FLASH_ATTENTION)
+        out["sdpa-cudnn"] = _sdpa_backend(SDPBackend.CUDNN_ATTENTION)
+        out["sdpa-efficient"] = _sdpa_backend(SDPBackend.EFFICIENT_ATTENTION)
+    out["sdpa-math"] = too_big or _sdpa_backend(SDPBackend.MATH)
+    out["eager"] = too_big or attention_eager
+    try:
+        from flash_attn import flash_attn_func
+        out["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v)
+    except ImportError:
+        out["flash-attn"] = "flash-attn is not installed"
+    return out
+
+
+EPS = 1e-6  # the DiTs' LayerNorm eps (config.json "eps")
+
+
+def layernorm_modulate_eager(x, shift, scale):
+    """The block's modulate(LN1(x)) as the reference path runs it."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale)
+
+
+def gated_residual_eager(x, gate, y):
+    return x + gate * y
+
+
+def norm3_eager(x, weight, bias):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps=EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases at the clip's shapes
+# ---------------------------------------------------------------------------------------------
+def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) -> list[OpCase]:
+    v, a, br = cfg.video_dit, cfg.audio_dit, cfg.bridge
+    d, f, d_a, f_a = v.dim, v.ffn_dim, a.dim, a.ffn_dim
+    hd = br.head_dim
+    gen = torch.Generator(device=device).manual_seed(seed)
+    budget = _scores_budget(device)
+
+    def randn(*shape, dtype=BF16):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    cases = []
+
+    def attention(name, lq, lk, heads, head_dim):
+        cases.append(OpCase(
+            name=name, shape=f"q [1, {lq}, {heads}, {head_dim}] x kv [1, {lk}, {heads}, "
+                             f"{head_dim}] bf16",
+            unit="TFLOP/s", work=4.0 * lq * lk * heads * head_dim,
+            make_inputs=lambda: (randn(1, lq, heads, head_dim), randn(1, lk, heads, head_dim),
+                                 randn(1, lk, heads, head_dim)),
+            backends=attention_backends(device, lq, lk, heads, budget)))
+
+    attention("attention.video_self", s.L_v, s.L_v, v.num_heads, v.head_dim)
+    attention("attention.audio_self", s.L_a, s.L_a, a.num_heads, a.head_dim)
+    attention("attention.bridge_a2v", s.L_v, s.L_a, d // hd, hd)
+    attention("attention.bridge_v2a", s.L_a, s.L_v, d_a // hd, hd)
+    attention("attention.video_text", s.L_v, s.L_t, v.num_heads, v.head_dim)
+
+    for name, m, k, n in (("linear.video_qkvo", s.L_v, d, d), ("linear.video_ffn_up", s.L_v, d, f),
+                          ("linear.video_ffn_down", s.L_v, f, d),
+                          ("linear.audio_qkvo", s.L_a, d_a, d_a),
+                          ("linear.audio_ffn_up", s.L_a, d_a, f_a),
+                          ("linear.audio_ffn_down", s.L_a, f_a, d_a),
+                          ("linear.bridge_a2v_kv", s.L_a, d_a, d),
+                          ("linear.bridge_v2a_kv", s.L_v, d, d_a),
+                          ("linear.text_kv", s.L_t, d, d)):
+        cases.append(OpCase(
+            name=name, shape=f"[{m}, {k}] x [{k}, {n}] + bias bf16", unit="TFLOP/s",
+            work=2.0 * m * k * n,
+            make_inputs=lambda m=m, k=k, n=n: (randn(m, k), randn(n, k), randn(n)),
+            backends={"torch": F.linear}))
+
+    grid, lv = s.video_grid, s.L_v
+
+    def rope_inputs():
+        cos, sin = rope_3d_tables(v.head_dim, grid, device)
+        return randn(1, lv, v.num_heads, v.head_dim), cos, sin
+    elems = lv * d
+    cases.append(OpCase(
+        name="rope.video_interleaved", shape=f"[1, {lv}, {v.num_heads}, {v.head_dim}] bf16",
+        unit="GB/s", work=2.0 * 2 * elems, make_inputs=rope_inputs,
+        backends=dict(_REGISTRY["rope_interleaved"])))
+    cases.append(OpCase(
+        name="norm.layernorm_modulate", shape=f"[1, {lv}, {d}] bf16", unit="GB/s",
+        work=2.0 * 2 * elems,
+        make_inputs=lambda: (randn(1, lv, d), randn(1, 1, d), randn(1, 1, d)),
+        backends={"eager": layernorm_modulate_eager}))
+    cases.append(OpCase(
+        name="norm.gated_residual", shape=f"[1, {lv}, {d}] bf16", unit="GB/s",
+        work=3.0 * 2 * elems,
+        make_inputs=lambda: (randn(1, lv, d), randn(1, 1, d), randn(1, lv, d)),
+        backends={"eager": gated_residual_eager}))
+    cases.append(OpCase(
+        name="norm.norm3_affine", shape=f"[1, {lv}, {d}] bf16", unit="GB/s",
+        work=2.0 * 2 * elems,
+        make_inputs=lambda: (randn(1, lv, d), randn(d), randn(d)),
+        backends={"eager": norm3_eager}))
+    return cases
+
+
+def _scores_budget(device: torch.device) -> int:
+    """Largest fp32 score matrix an unfused backend may build: a quarter of free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 2 * GIB
+
+
+def _reps_for(seconds_per_call: float, full: bool) -> int:
+    """About a second of timed calls per backend at full size; few on the CPU."""
+    if not full:
+        return 3
+    return int(min(50, max(3, 1.0 / max(seconds_per_call, 1e-6))))
+
+
+def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, full: bool,
+            log) -> list[dict]:
+    results = []
+    for case in op_cases(cfg, s, device):
+        inputs = case.make_inputs()
+        ceiling = ceilings["matmul" if case.unit == "TFLOP/s" else "copy_d2d"]["value"]
+        first_out = None
+        for backend, fn in case.backends.items():
+            row = {"op": case.name, "backend": backend, "shape": case.shape, "unit": case.unit}
+            if isinstance(fn, str):
+                row.update(status="skipped", message=fn)
+                results.append(row)
+                continue
+            try:
+                with torch.no_grad():
+                    out = fn(*inputs)                    # first call: compile / autotune / check
+                    sync(device)
+                    probe = time_op(lambda: fn(*inputs), device, warmup=0, reps=1)[0]
+                    sec = time_op(lambda: fn(*inputs), device, warmup=1,
+                                  reps=_reps_for(probe, full))
+            except torch.OutOfMemoryError as e:
+                row.update(status="oom", message=str(e).splitlines()[0][:200])
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                # A backend that does not support this shape / dtype / GPU says so and is skipped.
+                row.update(status="unsupported", message=(str(e).strip().splitlines() or [""])[0][:200])
+            else:
+                sp = spread(sec)
+                rate = case.work / sp["median"] / (1e12 if case.unit == "TFLOP/s" else 1e9)
+                row.update(status="ok", median_ms=sp["median"] * 1e3, min_ms=sp["min"] * 1e3,
+                           max_ms=sp["max"] * 1e3, reps=len(sec), rate=rate,
+                           fraction_of_ceiling=rate / ceiling)
+                if first_out is None:
+                    first_out = out
+                else:
+                    row["max_abs_diff_vs_first"] = (out.float() - first_out.float()).abs().max().item()
+            results.append(row)
+            log(f"op {case.name} [{backend}]: " + (
+                f"{row['median_ms']:.3f} ms, {row['rate']:.1f} {case.unit}" if row["status"] == "ok"
+                else f"{row['status']}: {row['message']}"))
+            out = None
+        del inputs, first_out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results

@@ -1,0 +1,93 @@
+"""Named runtime configurations that `mova-rt bench --configs` runs side by side.
+
+A configuration turns the shared weights (one set per run, built once) into a runner: modules that
+share those weight tensors (no copy) but carry the configuration's kernels, and the step to run.
+Later features register theirs here (`@register`), so each is measured beside `reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from mova_rt.errors import MovaInputError
+from mova_rt.models.audio_dit import AudioDiT
+from mova_rt.models.bridge import Bridge
+from mova_rt.models.dual_tower import dual_tower_forward
+from mova_rt.models.video_dit import VideoDiT
+from mova_rt.ops import resolve
+from mova_rt.sampler import GuidedStep
+from mova_rt.scheduler import FlowMatchScheduler
+
+
+@dataclass
+class Runner:
+    """What a configuration runs: towers (for the per-tower timing hooks) and one guided step."""
+    video_dit: nn.Module
+    audio_dit: nn.Module
+    bridge: nn.Module
+    step: GuidedStep
+
+    def towers(self) -> dict:
+        return {"video_blocks": list(self.video_dit.blocks),
+                "audio_blocks": list(self.audio_dit.blocks),
+                "bridge": [self.bridge]}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    name: str
+    description: str
+    prepare: Callable   # (shared: dict of weight modules, cfg, scheduler, cfg_scale, fps) -> Runner
+
+
+CONFIGS: dict[str, RuntimeConfig] = {}
+
+
+def register(name: str, description: str):
+    def deco(fn):
+        CONFIGS[name] = RuntimeConfig(name, description, fn)
+        return fn
+    return deco
+
+
+def share_weights(module_cls, module_cfg, ops, source: nn.Module) -> nn.Module:
+    """A new module of the same architecture with `ops`, whose parameters are `source`'s tensors."""
+    with torch.device("meta"):
+        module = module_cls(module_cfg, ops)
+    module.load_state_dict(source.state_dict(), strict=True, assign=True)
+    return module.eval()
+
+
+def eager_runner(kernels: str):
+    def prepare(shared, cfg, scheduler: FlowMatchScheduler, cfg_scale: float, fps: float):
+        ops = resolve(kernels)
+        video = share_weights(VideoDiT, cfg.video_dit, ops, shared["video_dit"])
+        audio = share_weights(AudioDiT, cfg.audio_dit, ops, shared["audio_dit"])
+        bridge = share_weights(Bridge, cfg.bridge, ops, shared["dual_tower_bridge"])
+
+        def forward(dit, video_in, audio_in, text, t, video_fps):
+            return dual_tower_forward(dit, audio, bridge, video_in, audio_in, text, t, video_fps)
+        return Runner(video, audio, bridge, GuidedStep(forward, scheduler, cfg_scale, fps))
+    return prepare
+
+
+register("reference", "eager PyTorch, bf16, SDPA attention, float64 video RoPE (as the reference "
+         "code), sequential CFG")(eager_runner("reference"))
+register("sdpa", "as reference, with the video RoPE in float32")(eager_runner("sdpa"))
+
+
+def parse_configs(text: str) -> list[RuntimeConfig]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MovaInputError("--configs is empty: name at least one, e.g. --configs reference")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise MovaInputError(f"unknown configuration(s) {', '.join(unknown)} in --configs: choose "
+                             f"from {', '.join(CONFIGS)}")
+    if len(set(names)) != len(names):
+        raise MovaInputError(f"--configs names a configuration twice: {text}")
+    return [CONFIGS[n] for n in names]

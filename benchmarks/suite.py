@@ -1,0 +1,273 @@
+"""`mova-rt bench`: the whole suite in one process, in this order:
+
+1. environment, shapes and the work of one forward (the meta-device plan: parameters, FLOPs counted
+   on the real code against the spec's formulas, an activation-memory estimate);
+2. ceilings (bf16 matmul, device copy, pinned host-to-device copy);
+3. `--ops`: per-op microbenchmarks at the real shapes, every available backend;
+4. the step benchmark of `--configs`, side by side on shared weights (unless `--steps 0`);
+5. `--time-stages`: text encoding and the VAEs, apart from the steps;
+then a table on stdout, the JSON (rewritten after every phase, so a cut-off run keeps what it
+measured) and a PNG chart. `--device meta` stops after 1: the full-size path without a GPU.
+Out of memory is a result, not a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+from mova_rt.config import PRESET_SIZES, PRESETS, load_config, preset_config
+from mova_rt.errors import MovaInputError
+from mova_rt.media import check_output_path
+
+from .configs import CONFIGS, parse_configs
+from .flops import SPEC_PFLOP_PER_FORWARD, clip_shapes
+from .measure import GIB, environment, rss_bytes
+from .report import print_report, render_chart
+
+SCHEMA = "mova-rt-bench/1"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="step time, VRAM and host RAM of runtime configurations, "
+                                     "per-op microbenchmarks and ceilings")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="mova-360p",
+                   help="architecture and default clip size (default mova-360p)")
+    p.add_argument("--ckpt_path", default=None,
+                   help="load weights (and the architecture) from a MOVA checkpoint instead of "
+                        "random bf16 weights")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num_frames", type=int, default=None)
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--configs", default="reference",
+                   help=f"comma-separated runtime configurations ({', '.join(CONFIGS)}); the "
+                        "first is the baseline of the ratios")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per configuration")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per configuration (0: no step benchmark)")
+    p.add_argument("--num_inference_steps", type=int, default=50,
+                   help="the schedule the timed steps are taken from")
+    p.add_argument("--cfg_scale", type=float, default=5.0)
+    p.add_argument("--ops", action="store_true", help="per-op microbenchmarks at the real shapes")
+    p.add_argument("--time-stages", dest="time_stages", action="store_true",
+                   help="also time text encoding and the VAEs (not part of a step)")
+    p.add_argument("--vram-budget", dest="vram_budget", type=float, default=None, metavar="GB",
+                   help="cap this process's GPU memory (GiB) to see what fits a smaller card")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:N, cpu, or meta (plan only: shapes, FLOPs, memory estimate)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="results file (default: bench_<date>_<device>_<preset>.json here)")
+    p.add_argument("--chart", default=None, metavar="PATH",
+                   help="PNG chart (default: the JSON path with .png)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only render the table and chart of an existing results file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MovaInputError(f"--device {name} is not a device: use cuda, cuda:N, cpu or meta") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MovaInputError(f"--device {name} requested but CUDA is not available: use "
+                             "--device cpu (small presets) or --device meta (plan only)")
+    if dev.type not in ("cuda", "cpu", "meta"):
+        raise MovaInputError(f"--device {name} is not supported: use cuda, cpu or meta")
+    return dev
+
+
+def _validate(args) -> tuple:
+    device = _device(args.device)
+    if args.warmup < 0 or args.steps < 0:
+        raise MovaInputError("--warmup and --steps must be 0 or more")
+    if args.num_inference_steps < 1:
+        raise MovaInputError("--num_inference_steps must be at least 1")
+    if args.fps <= 0:
+        raise MovaInputError(f"--fps {args.fps} must be positive")
+    configs = parse_configs(args.configs)
+    if args.vram_budget is not None:
+        if device.type != "cuda":
+            raise MovaInputError("--vram-budget caps GPU memory: it needs --device cuda")
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        if not 0 < args.vram_budget <= total:
+            raise MovaInputError(f"--vram-budget {args.vram_budget} must be in (0, {total:.1f}] "
+                                 "GiB, the memory of this GPU")
+    if args.ckpt_path and not os.path.isdir(args.ckpt_path):
+        raise MovaInputError(f"--ckpt_path {args.ckpt_path} is not a folder: point it at a "
+                             "MOVA checkpoint (or leave it out for random weights)")
+    cfg = load_config(args.ckpt_path) if args.ckpt_path else preset_config(args.preset)
+    h, w, f = PRESET_SIZES[args.preset]
+    shapes = clip_shapes(cfg, args.height or h, args.width or w, args.num_frames or f, args.fps)
+    if args.json is None:
+        args.json = default_json_name(device, args.preset)
+    check_output_path(args.json, suffix=".json")
+    if args.chart is None:
+        args.chart = os.path.splitext(args.json)[0] + ".png"
+    check_output_path(args.chart, suffix=".png")
+    return device, cfg, shapes, configs
+
+
+def default_json_name(device: torch.device, preset: str) -> str:
+    """bench_<date>_<device>_<preset>.json, the device named by its model (e.g. nvidia-h100-80gb-hbm3)."""
+    name = device.type
+    if device.type == "cuda":
+        name = torch.cuda.get_device_properties(device).name
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"bench_{datetime.date.today().isoformat()}_{slug}_{preset}.json"
+
+
+def write_json(path: str, data: dict):
+    """Written to a temporary name and renamed: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+class Log:
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, msg: str):
+        if self.enabled:
+            print(f"[bench {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr,
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def run(args) -> int:
+    if args.render:
+        return _render_only(args.render, args.chart)
+    device, cfg, shapes, configs = _validate(args)
+    log = Log(args.progress)
+    full = args.preset != "tiny" and device.type == "cuda"
+    data = {"schema": SCHEMA, "complete": False,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(device), "preset": args.preset,
+            "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "shapes": shapes.as_dict()}
+
+    from .plan import meta_plan
+    log(f"plan: {args.preset} on meta, L_v {shapes.L_v}, L_a {shapes.L_a}")
+    plan = meta_plan(cfg, shapes)
+    data["plan"] = plan
+    data["work"] = {"flops_per_forward": plan["flops_formula_total"],
+                    "flops_per_forward_by_component": plan["flops_formula"],
+                    "spec_pflop_per_forward": SPEC_PFLOP_PER_FORWARD.get(args.preset)}
+    write_json(args.json, data)
+    if device.type == "meta":
+        data["complete"] = True
+        write_json(args.json, data)
+        print_report(data)
+        print(f"wrote {args.json}")
+        return 0
+
+    if args.vram_budget is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.vram_budget * GIB / total, device)
+        data["vram_budget_gib"] = args.vram_budget
+
+    from .ceilings import measure_ceilings
+    log("ceilings")
+    data["ceilings"] = measure_ceilings(device, full)
+    write_json(args.json, data)
+
+    if args.ops:
+        from .bench_ops import run_ops
+        data["ops"] = run_ops(cfg, shapes, device, data["ceilings"], full, log)
+        write_json(args.json, data)
+
+    if args.steps > 0:
+        _step_phase(args, cfg, shapes, device, configs, data, log)
+        write_json(args.json, data)
+
+    if args.time_stages:
+        from .bench_stages import run_stages
+        data["stages"] = run_stages(cfg, shapes, device, args.ckpt_path, args.seed,
+                                    reps=2 if full else 1, log=log)
+
+    data["peak_rss_process_gib"] = _process_peak_rss() / GIB
+    data["complete"] = True
+    write_json(args.json, data)
+    print_report(data)
+    print(f"wrote {args.json}")
+    chart = render_chart(data, args.chart)
+    print(f"wrote {args.chart}" if chart else f"chart skipped: {chart.reason}")
+    return 0
+
+
+def _step_phase(args, cfg, shapes, device, configs, data, log):
+    from .bench_step import (_oom_message, build_shared_weights, free_device_memory, make_inputs,
+                             run_steps, summarise)
+    log(f"building weights ({'checkpoint ' + args.ckpt_path if args.ckpt_path else 'random bf16'}"
+        f" on {device})")
+    t0 = time.perf_counter()
+    try:
+        shared = build_shared_weights(cfg, device, args.ckpt_path, args.seed)
+        inputs = make_inputs(cfg, shapes, device, args.seed)
+    except torch.OutOfMemoryError as e:
+        msg = _oom_message(e, device, "weight build")
+        est = data["plan"]["vram_estimate_gib"]
+        msg += f"; the estimate for one forward is {est:.1f} GiB + the CUDA context"
+        data["build"] = {"status": "oom", "message": msg}
+        data["configs"] = [{"name": rc.name, "description": rc.description, "status": "oom",
+                            "message": msg} for rc in configs]
+        free_device_memory(device)
+        log(msg)
+        return
+    build_s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for m in shared.values() for p in m.parameters())
+    data["build"] = {"status": "ok", "seconds": build_s, "weights_gib": weights / GIB,
+                     "source": args.ckpt_path or "random"}
+    log(f"weights: {weights / GIB:.2f} GiB in {build_s:.1f} s")
+    runs = run_steps(cfg, shapes, device, configs, args.warmup, args.steps, shared, inputs,
+                     args.cfg_scale, args.num_inference_steps, log)
+    data["configs"] = summarise(runs, data["work"]["flops_per_forward"], data["ceilings"])
+    del shared, inputs
+    free_device_memory(device)
+
+
+def _process_peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return rss_bytes()
+
+
+def _render_only(path: str, chart: str | None) -> int:
+    if not os.path.isfile(path):
+        raise MovaInputError(f"--render {path}: no such results file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MovaInputError(f"--render {path} is not a results file ({e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise MovaInputError(f"--render {path} is not a {SCHEMA} results file")
+    print_report(data)
+    chart = chart or os.path.splitext(path)[0] + ".png"
+    check_output_path(chart, suffix=".png")
+    result = render_chart(data, chart)
+    print(f"wrote {chart}" if result else f"chart skipped: {result.reason}")
+    return 0
