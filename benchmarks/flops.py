@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from mova_rt.config import MovaConfig
+from mova_rt.config import MovaConfig, audio_latent_length, check_sizes
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,6 @@ TEXT_TOKENS = 512  # the reference pads / truncates every prompt to 512 tokens (
 
 def clip_shapes(cfg: MovaConfig, height: int, width: int, num_frames: int,
                 fps: float = 24.0) -> Shapes:
-    from mova_rt.pipeline import audio_latent_length, check_sizes
-
     vae = cfg.video_vae
     check_sizes(height, width, num_frames, vae.scale_factor_spatial, vae.scale_factor_temporal)
     t = (num_frames - 1) // vae.scale_factor_temporal + 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from mova_rt.files import remove_quietly, temp_path
+
 
 # performance.md: an 8192^3 bf16 matmul on the H100 80 GB of the GPU machine. Only for the floor
 # printed beside a plan; measured runs use the ceilings measured in the same run.
@@ -151,8 +153,11 @@ def render_chart(data: dict, path: str) -> ChartResult:
     fig.suptitle(f"mova-rt bench {data['preset']} {s['height']}x{s['width']}x{s['num_frames']} | "
                  f"{env.get('device_name')} | {env['commit'][:12]}", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = temp_path(path, ".png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        remove_quietly(tmp)
     return ChartResult(True)

@@ -24,7 +24,7 @@ import torch
 
 from mova_rt.config import PRESET_SIZES, PRESETS, load_config, preset_config
 from mova_rt.errors import MovaInputError
-from mova_rt.media import check_output_path
+from mova_rt.files import check_output_path, remove_quietly, temp_path
 
 from .configs import CONFIGS, parse_configs
 from .flops import SPEC_PFLOP_PER_FORWARD, clip_shapes
@@ -134,11 +134,14 @@ def default_json_name(device: torch.device, preset: str) -> str:
 
 def write_json(path: str, data: dict):
     """Written to a temporary name and renamed: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    tmp = temp_path(path, ".json")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        remove_quietly(tmp)
 
 
 class Log:

@@ -25,7 +25,7 @@ REFERENCE_DEFAULTS = {"height": 720, "width": 1280, "num_frames": 193}
 
 
 def _generate_parser(sub):
-    from .pipeline import DEFAULT_NEGATIVE_PROMPT
+    from .config import DEFAULT_NEGATIVE_PROMPT
 
     p = sub.add_parser("generate", help="prompt (+ first frame) -> mp4 with video and audio")
     p.add_argument("--ckpt_path", default=None,
@@ -108,7 +108,8 @@ def _resolve_device(name):
 def cmd_generate(args) -> int:
     from .config import PRESET_SIZES
     from .media import check_output_path, load_reference_image, save_latents, write_mp4
-    from .pipeline import MovaPipeline, check_sizes
+    from .config import check_sizes
+    from .pipeline import MovaPipeline
     from .tiny import embedded_tiny_checkpoint
 
     _unsupported(args)

@@ -526,3 +526,29 @@ def preset_config(name: str) -> MovaConfig:
 def asdict_public(cfg: Any) -> dict:
     """A json-friendly view of any of the dataclasses above."""
     return _to_dict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling defaults and clip sizes
+# --------------------------------------------------------------------------------------------
+# The reference script's default negative prompt: the first 16 phrases of Wan's (spec 1.1).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，"
+    "整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指"
+)
+
+
+def check_sizes(height: int, width: int, num_frames: int, spatial: int = 8, temporal: int = 4):
+    factor = spatial * 2  # VAE stride x patch size
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise MovaInputError(f"--height {height} / --width {width} must be positive multiples of "
+                             f"{factor} (e.g. 352x640 or 720x1280)")
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise MovaInputError(f"--num_frames {num_frames} must be 1 more than a multiple of "
+                             f"{temporal} (e.g. 193 or 121)")
+
+
+def audio_latent_length(sample_rate: int, hop: int, num_frames: int, fps: float) -> int:
+    """Audio latents for a clip of num_frames at fps (spec 1.7): int(sr * F / fps) samples."""
+    samples = int(sample_rate * num_frames / fps)
+    return (samples - 1) // hop + 1

@@ -9,7 +9,6 @@ destination folder and renamed into place, so a failure never leaves a partial o
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 
 import av
@@ -18,17 +17,13 @@ import torch
 from PIL import Image
 
 from .errors import MovaInputError
+from .files import check_output_path  # noqa: F401  (re-exported: the CLI checks outputs here)
+from .files import ensure_writable_folder, reason_of, remove_quietly, temp_path
 
 # imageio's quality=9 (the reference's setting) maps to libx264 -crf int((1 - 9/10) * 51) = 5, so we
 # use crf 5: visually lossless, matching the reference's quality rather than a smaller file.
 VIDEO_CRF = 5
 AUDIO_BIT_RATE = 192_000
-
-
-def _reason(err: BaseException) -> str:
-    """A short one-line reason for an exception (strerror for OS errors, else the first line)."""
-    text = (getattr(err, "strerror", None) or str(err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def crop_and_resize(image: Image.Image, height: int, width: int) -> Image.Image:
@@ -66,7 +61,7 @@ def load_reference_image(path: str, height: int, width: int) -> torch.Tensor:
             rgb = img.convert("RGB")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         raise MovaInputError(
-            f"cannot read reference image {path} ({_reason(err)}): "
+            f"cannot read reference image {path} ({reason_of(err)}): "
             "pass --ref_path with a PNG or JPEG image"
         ) from None
     return image_to_tensor(crop_and_resize(rgb, height, width))
@@ -82,56 +77,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 def white_image(height: int, width: int) -> Image.Image:
     """A pure white RGB image of size (width, height): the reference's text-only first frame."""
     return Image.new("RGB", (width, height), (255, 255, 255))
-
-
-def _ensure_writable_folder(path: str, what: str, fix: str, suffix: str | None = None) -> None:
-    """Check that the file `path` can be created: not a directory, ends in `suffix` (if given),
-    its parent folder exists (created if missing) and accepts a new file. Raises MovaInputError
-    naming `what` and `fix` otherwise."""
-    if os.path.isdir(path):
-        raise MovaInputError(f"{what} {path} is a directory: {fix}")
-    if suffix is not None and os.path.splitext(path)[1].lower() != suffix:
-        raise MovaInputError(f"{what} {path} does not end in {suffix}: {fix}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        reason = "a file is in the way" if os.path.isfile(folder) else _reason(err)
-        raise MovaInputError(
-            f"cannot create folder {folder} for {what} ({reason}): {fix}"
-        ) from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".mova-rt-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise MovaInputError(f"cannot write {what} into {folder} ({_reason(err)}): {fix}") from None
-
-
-def check_output_path(path: str, suffix: str = ".mp4") -> None:
-    """Fail fast (before any model work) if an output file cannot be written to `path`.
-
-    Creates the parent folder if it is missing. Raises MovaInputError if the suffix is not
-    `suffix`, `path` is a directory, or the folder cannot be created or written to.
-    """
-    if suffix == ".mp4":
-        what, fix = "output video", "pass --output_path with a .mp4 file name in a writable folder"
-    else:
-        what, fix = "output file", f"pass a {suffix} file name in a writable folder"
-    _ensure_writable_folder(path, what, fix, suffix=suffix)
-
-
-def _temp_path(path: str, suffix: str) -> str:
-    """A hidden temporary name next to `path`, unique per process."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}{suffix}")
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _quantize_audio(audio: np.ndarray) -> np.ndarray:
@@ -205,12 +150,12 @@ def write_mp4(
             raise ValueError(f"audio must be mono [S] at a positive rate, got "
                              f"{list(audio.shape)} at {sample_rate} Hz")
         pcm = _quantize_audio(audio[: round(frames.shape[0] * sample_rate / rate)])
-    tmp = _temp_path(path, ".mp4")
+    tmp = temp_path(path, ".mp4")
     try:
         _encode(tmp, frames, pcm, rate, sample_rate)
         os.replace(tmp, path)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -226,7 +171,7 @@ def probe_mp4(path: str) -> dict:
             return _describe(container)
     except (OSError, av.error.FFmpegError) as err:
         raise MovaInputError(
-            f"cannot read video {path} ({_reason(err)}): pass an mp4 file"
+            f"cannot read video {path} ({reason_of(err)}): pass an mp4 file"
         ) from None
 
 
@@ -276,15 +221,15 @@ def save_latents(
 
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata keys and values must all be str")
-    _ensure_writable_folder(path, "latents file", "pass a latents path in a writable folder")
+    ensure_writable_folder(path, "latents file", "pass a latents path in a writable folder")
     tensors = {
         "video_latents": video_latents.detach().to("cpu", torch.float32).contiguous(),
         "audio_latents": audio_latents.detach().to("cpu", torch.float32).contiguous(),
     }
-    tmp = _temp_path(path, "")
+    tmp = temp_path(path, "")
     try:
         save_file(tensors, tmp, metadata=dict(metadata))
         os.replace(tmp, path)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import MovaConfig, load_config
+from .config import (DEFAULT_NEGATIVE_PROMPT, MovaConfig, audio_latent_length,  # noqa: F401
+                     check_sizes, load_config)
 from .errors import MovaInputError
 from .loader import load_state
 from .lora import merge_lora
@@ -34,11 +35,6 @@ from .ops import resolve
 from .sampler import GuidedStep
 from .scheduler import FlowMatchScheduler
 
-# The reference script's default negative prompt: the first 16 phrases of Wan's (spec 1.1).
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，"
-    "整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指"
-)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -52,22 +48,6 @@ class MovaOutput:
     audio_latents: torch.Tensor   # fp32 [1, C_a, L_a]
     timings: dict = field(default_factory=dict)
     forwards: int = 0             # dual-tower forwards run
-
-
-def check_sizes(height: int, width: int, num_frames: int, spatial: int = 8, temporal: int = 4):
-    factor = spatial * 2  # VAE stride x patch size
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise MovaInputError(f"--height {height} / --width {width} must be positive multiples of "
-                             f"{factor} (e.g. 352x640 or 720x1280)")
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        raise MovaInputError(f"--num_frames {num_frames} must be 1 more than a multiple of "
-                             f"{temporal} (e.g. 193 or 121)")
-
-
-def audio_latent_length(sample_rate: int, hop: int, num_frames: int, fps: float) -> int:
-    """Audio latents for a clip of num_frames at fps (spec 1.7): int(sr * F / fps) samples."""
-    samples = int(sample_rate * num_frames / fps)
-    return (samples - 1) // hop + 1
 
 
 class MovaPipeline:

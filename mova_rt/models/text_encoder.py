@@ -21,7 +21,6 @@ import os
 import re
 import struct
 
-import ftfy
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
@@ -76,6 +75,8 @@ dim glowing shining sparkling reflecting reflection mirror surface texture patte
 
 def prompt_clean(text: str) -> str:
     """MOVA's prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace runs."""
+    import ftfy  # only here: the benchmark builds the encoder on machines without ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
