@@ -7,6 +7,7 @@ sync inside the region) and perf_counter on the CPU, where execution is synchron
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -75,13 +76,27 @@ def rss_bytes() -> int:
         return 0
 
 
-def device_used_bytes(device: torch.device) -> int:
-    """Memory in use on the whole device as the driver (NVML / nvidia-smi) sees it: includes the
-    CUDA context and the caching allocator's reserved but unused blocks."""
-    if device.type != "cuda":
-        return 0
-    free, total = torch.cuda.mem_get_info(device)
+def _nvml_used(device: torch.device) -> int:
+    return torch.cuda.device_memory_used(device)          # NVML (needs pynvml / nvidia-ml-py)
+
+
+def _cuda_used(device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)         # the driver's view, as nvidia-smi's
     return total - free
+
+
+@functools.lru_cache(maxsize=None)
+def device_memory_reader(device: torch.device):
+    """(reader, source name) of memory in use on the whole device: NVML when its Python binding
+    is installed, else cudaMemGetInfo. Either includes the CUDA context and the caching
+    allocator's reserved but unused blocks (what nvidia-smi shows)."""
+    if device.type != "cuda":
+        return (lambda d: 0), None
+    try:
+        _nvml_used(device)
+        return _nvml_used, "nvml"
+    except Exception:  # no pynvml, or NVML refuses in this VM: fall back to the runtime API
+        return _cuda_used, "cudaMemGetInfo"
 
 
 class PeakSampler:
@@ -90,6 +105,7 @@ class PeakSampler:
 
     def __init__(self, device: torch.device, interval: float = 0.02):
         self.device, self.interval = device, interval
+        self.read_device, _ = device_memory_reader(device)
         self.peak_rss = self.peak_device = 0
         self._stop = threading.Event()
         self._thread = None
@@ -101,7 +117,7 @@ class PeakSampler:
 
     def _sample(self):
         self.peak_rss = max(self.peak_rss, rss_bytes())
-        self.peak_device = max(self.peak_device, device_used_bytes(self.device))
+        self.peak_device = max(self.peak_device, self.read_device(self.device))
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -199,7 +215,8 @@ def environment(device: torch.device) -> dict:
         p = torch.cuda.get_device_properties(device)
         env.update(device_name=p.name, gpu_memory_gib=round(p.total_memory / GIB, 2),
                    sm=f"sm_{p.major}{p.minor}", sm_count=p.multi_processor_count,
-                   cuda=torch.version.cuda, driver=_driver_version())
+                   cuda=torch.version.cuda, driver=_driver_version(),
+                   device_memory_source=device_memory_reader(device)[1])
     else:
         env.update(device_name=platform.processor() or platform.machine(), gpu_memory_gib=None,
                    driver=None, cuda=None)
