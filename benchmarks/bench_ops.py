@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mova_rt.config import MovaConfig
-from mova_rt.models.video_dit import modulate, rope_3d_tables
+from mova_rt.models.video_dit import rope_3d_tables
+from mova_rt.ops import modulate
 from mova_rt.ops import _REGISTRY
 
 from .flops import Shapes
@@ -223,7 +224,7 @@ def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, fu
                 f"{row['median_ms']:.3f} ms, {row['rate']:.1f} {case.unit}" if row["status"] == "ok"
                 else f"{row['status']}: {row['message']}"))
             out = None
-        del inputs, first_out
+        inputs = first_out = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results

@@ -26,7 +26,7 @@ from mova_rt.models.audio_dit import AudioDiT
 from mova_rt.models.bridge import Bridge
 from mova_rt.models.dual_tower import dual_tower_forward
 from mova_rt.models.video_dit import VideoDiT
-from mova_rt.ops import Ops, resolve
+from mova_rt.ops import resolve
 
 from .flops import SPEC_PARAMS, Shapes, forward_flops, param_counts
 from .measure import GIB
@@ -73,17 +73,19 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _fused_attention_ops(ops: Ops, tracker: LiveBytes) -> Ops:
-    """The same kernels, with attention counted as one fused kernel (output bytes only)."""
-    def attention(q, k, v):
-        tracker.opaque_depth += 1
-        try:
-            out = ops.attention(q, k, v)
-        finally:
-            tracker.opaque_depth -= 1
-        tracker.track(out)
-        return out
-    return Ops(name=ops.name, attention=attention, rope_interleaved=ops.rope_interleaved)
+def _opaque_attention(tracker: LiveBytes):
+    """Wraps an attention backend so that it counts as one fused kernel (output bytes only)."""
+    def wrap(attention):
+        def fused(q, k, v):
+            tracker.opaque_depth += 1
+            try:
+                out = attention(q, k, v)
+            finally:
+                tracker.opaque_depth -= 1
+            tracker.track(out)
+            return out
+        return fused
+    return wrap
 
 
 def _count_per_tower(counter: FlopCounterMode, towers: dict) -> tuple[dict, list]:
@@ -108,7 +110,7 @@ def _count_per_tower(counter: FlopCounterMode, towers: dict) -> tuple[dict, list
 
 def meta_plan(cfg: MovaConfig, s: Shapes, kernels: str = "reference") -> dict:
     tracker = LiveBytes()
-    ops = _fused_attention_ops(resolve(kernels), tracker)
+    ops = resolve(kernels, wrap_attention=_opaque_attention(tracker))
     with torch.device("meta"):
         modules = {"video_dit": VideoDiT(cfg.video_dit, ops).to(torch.bfloat16),
                    "audio_dit": AudioDiT(cfg.audio_dit, ops).to(torch.bfloat16),

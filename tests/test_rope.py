@@ -64,7 +64,7 @@ def test_audio_1d_rope_over_whole_head():
     with torch.device("meta"):
         dit = AudioDiT(cfg, resolve("reference"))
     d = cfg.head_dim
-    cos, sin = dit.rope((7,), "cpu")
+    cos, sin = dit.rope((7,), "cpu").tables()
     x = torch.randn(1, 7, 1, d, dtype=torch.float32)
     got = resolve("reference").rope_interleaved(x, cos, sin)[0, :, 0]
     ref = rotate_pairs(x[0, :, 0], lambda l, i: l * 10000 ** (-2 * i / d))

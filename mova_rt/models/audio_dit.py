@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from ..config import AudioDiTConfig
 from ..ops import Ops
-from .video_dit import DiTBlock, Head, rope_angles
+from ..rope import InterleavedRope
+from .video_dit import DiTBlock, Head
 
 
 class AudioDiT(nn.Module):
@@ -43,9 +44,8 @@ class AudioDiT(nn.Module):
         p = self.patch_size[0]
         return x.view(b, l, p, -1).permute(0, 3, 1, 2).reshape(b, -1, l * p)
 
-    def rope(self, grid: tuple, device) -> tuple:
-        """cos, sin [L, head_dim/2] float64 of the 1D RoPE. The reference builds it as three
-        chunks (22/22/20 pairs at head_dim 128) of one table and concatenates them back, which is
-        this single table."""
-        angles = rope_angles(self.cfg.head_dim, torch.arange(grid[0], device=device))
-        return torch.cos(angles), torch.sin(angles)
+    def rope(self, grid: tuple, device) -> InterleavedRope:
+        """The 1D RoPE over the whole head. The reference builds it as three chunks (22/22/20
+        pairs at head_dim 128) of one table and concatenates them back, which is this single
+        table."""
+        return InterleavedRope.audio(self.cfg.head_dim, grid[0], device)

@@ -17,22 +17,10 @@ import torch.nn as nn
 
 from ..config import BridgeConfig
 from ..ops import Ops
+from ..rope import RotateHalfRope, apply_rope_rotate_half, rotate_half  # noqa: F401
 
 ROPE_BASE = 10000.0
 VAE_TEMPORAL_STRIDE = 4  # the reference hard-codes the video VAE's temporal stride here
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D]; cos/sin [L, D] in x.dtype. x*cos + rotate_half(x)*sin in fp32, rounded once
-    (the reference compiles this expression with fullgraph, spec 10.12)."""
-    c = cos.float()[None, :, None, :]
-    s = sin.float()[None, :, None, :]
-    return (x.float() * c + rotate_half(x).float() * s).to(x.dtype)
 
 
 def rotate_half_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple:
@@ -77,14 +65,13 @@ class ConditionalCrossAttention(nn.Module):
     def forward(self, x, y, x_rope=None, y_rope=None):
         b, l, _ = x.shape
         ly = y.shape[1]
-        q = self.norm_q(self.q(x)).view(b, l, self.num_heads, -1)       # [B, Lx, H, D]
-        k = self.norm_k(self.k(y)).view(b, ly, self.num_heads, -1)      # [B, Ly, H, D]
+        q = self.q(x).view(b, l, self.num_heads, -1)                    # [B, Lx, H, D]
+        k = self.k(y).view(b, ly, self.num_heads, -1)                   # [B, Ly, H, D]
         v = self.v(y).view(b, ly, self.num_heads, -1)
-        if x_rope is not None:
-            q = apply_rope_rotate_half(q, *x_rope)
-        if y_rope is not None:
-            k = apply_rope_rotate_half(k, *y_rope)
-        return self.o(self.ops.attention(q, k, v).reshape(b, l, -1))
+        # RMSNorm of q and k over all heads, rotate-half RoPE, attention (ops.cross_attention).
+        out = self.ops.cross_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
+                                       self.norm_q.eps, x_rope, y_rope)
+        return self.o(out.reshape(b, l, -1))
 
 
 class ConditionerBlock(nn.Module):
@@ -94,9 +81,11 @@ class ConditionerBlock(nn.Module):
         super().__init__()
         self.y_norm = nn.LayerNorm(kv_dim, eps=eps)
         self.inner = ConditionalCrossAttention(dim, kv_dim, num_heads, eps, ops)
+        self.ops = ops
 
     def forward(self, x, y, x_rope=None, y_rope=None):
-        return self.inner(x, self.y_norm(y), x_rope, y_rope)
+        n = self.y_norm
+        return self.inner(x, self.ops.layernorm_affine(y, n.weight, n.bias, n.eps), x_rope, y_rope)
 
 
 class Bridge(nn.Module):
@@ -115,14 +104,15 @@ class Bridge(nn.Module):
             self.condition_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def rope(self, grid: tuple, audio_len: int, video_fps: float, dtype, device):
-        """((cos_v, sin_v) [L_v, D], (cos_a, sin_a) [L_a, D]) in the activation dtype, or
-        (None, None) when the checkpoint does not apply cross-modal RoPE."""
+        """(video, audio) RotateHalfRope (tables in the activation dtype), or (None, None) when
+        the checkpoint does not apply cross-modal RoPE."""
         if not self.cfg.apply_cross_rope:
             return None, None
-        vpos = video_positions(self.cfg, grid, video_fps, device)
+        f, h, w = grid
+        per_frame = video_positions(self.cfg, (f, 1, 1), video_fps, device)   # [F]
         apos = torch.arange(audio_len, dtype=torch.float32, device=device)
         hd = self.cfg.head_dim
-        return rotate_half_tables(vpos, hd, dtype), rotate_half_tables(apos, hd, dtype)
+        return RotateHalfRope(per_frame, h * w, hd, dtype), RotateHalfRope(apos, 1, hd, dtype)
 
     def forward(self, i: int, video: torch.Tensor, audio: torch.Tensor, video_rope, audio_rope):
         """Interaction before block i; both directions read the pre-bridge states."""

@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import VideoDiTConfig
-from ..ops import Ops
+from ..ops import Ops, modulate  # noqa: F401  (modulate: re-exported)
+from ..rope import InterleavedRope, rope_angles
 
-ROPE_THETA = 10000.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,14 +40,6 @@ def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
-def rope_angles(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """Angles [L, dim/2] (float64) of the interleaved RoPE over `dim` channels:
-    position * 10000^(-2j/dim) for j < dim/2 (the reference's precompute_freqs_cis)."""
-    j = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2]
-    inv = 1.0 / (ROPE_THETA ** (j / dim))
-    return torch.outer(positions.to(torch.float64), inv)
-
-
 def rope_3d_tables(head_dim: int, grid: tuple[int, int, int], device) -> tuple:
     """cos, sin [f*h*w, head_dim/2] float64 for tokens in (f, h, w) order. The first
     (head_dim - 2*(head_dim//3))/2 pairs rotate with the frame index, the next (head_dim//3)/2 with
@@ -64,11 +56,6 @@ def rope_3d_tables(head_dim: int, grid: tuple[int, int, int], device) -> tuple:
         aw[None, None, :, :].expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, head_dim // 2)
     return torch.cos(angles), torch.sin(angles)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift in fp32, rounded once to x.dtype (the reference's compiled helper)."""
-    return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,13 +78,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple) -> torch.Tensor:
         b, l, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, l, self.num_heads, -1)   # [B, L, H, D]
-        k = self.norm_k(self.k(x)).view(b, l, self.num_heads, -1)
+        q = self.q(x).view(b, l, self.num_heads, -1)                # [B, L, H, D]
+        k = self.k(x).view(b, l, self.num_heads, -1)
         v = self.v(x).view(b, l, self.num_heads, -1)
-        cos, sin = rope
-        q = self.ops.rope_interleaved(q, cos, sin)
-        k = self.ops.rope_interleaved(k, cos, sin)
-        out = self.ops.attention(q, k, v)                            # [B, L, H, D]
+        # RMSNorm of q and k over all heads, interleaved RoPE, attention (ops.self_attention).
+        out = self.ops.self_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
+                                      self.norm_q.eps, rope)          # [B, L, H, D]
         return self.o(out.reshape(b, l, -1))
 
 
@@ -119,10 +105,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
         lc = context.shape[1]
-        q = self.norm_q(self.q(x)).view(b, l, self.num_heads, -1)          # [B, L, H, D]
-        k = self.norm_k(self.k(context)).view(b, lc, self.num_heads, -1)   # [B, 512, H, D]
+        q = self.q(x).view(b, l, self.num_heads, -1)                       # [B, L, H, D]
+        k = self.k(context).view(b, lc, self.num_heads, -1)                # [B, 512, H, D]
         v = self.v(context).view(b, lc, self.num_heads, -1)
-        return self.o(self.ops.attention(q, k, v).reshape(b, l, -1))
+        out = self.ops.cross_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
+                                       self.norm_q.eps)
+        return self.o(out.reshape(b, l, -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,17 +130,19 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor,
-                rope: tuple) -> torch.Tensor:
+                rope: InterleavedRope) -> torch.Tensor:
         # t_mod [B, 6, dim] in the block dtype; each chunk [B, 1, dim].
         mod = self.modulation.to(t_mod.dtype) + t_mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + gate_msa * y
-        x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp * y
+        ops, n3 = self.ops, self.norm3
+        y = self.self_attn(ops.norm_modulate(x, shift_msa, scale_msa, self.norm1.eps), rope)
+        x = ops.gated_residual(x, gate_msa, y)
+        x = x + self.cross_attn(ops.layernorm_affine(x, n3.weight, n3.bias, n3.eps), context)
+        y = self.ffn(ops.norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))
+        return ops.gated_residual(x, gate_mlp, y)
 
 
 class Head(nn.Module):
@@ -220,5 +210,5 @@ class VideoDiT(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)                      # [B, C, f, pf, h, ph, w, pw]
         return x.reshape(b, -1, f * pf, h * ph, w * pw)
 
-    def rope(self, grid: tuple, device) -> tuple:
-        return rope_3d_tables(self.cfg.head_dim, grid, device)
+    def rope(self, grid: tuple, device) -> InterleavedRope:
+        return InterleavedRope.video(self.cfg.head_dim, grid, device)
