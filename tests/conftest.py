@@ -9,6 +9,13 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # The Triton 3.6 interpreter converts loop bounds with a NumPy call deprecated in 1.25: noise
+    # from its internals, once per loop iteration.
+    config.addinivalue_line("filterwarnings",
+                            "ignore::DeprecationWarning:triton.runtime.interpreter")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
