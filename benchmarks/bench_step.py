@@ -21,6 +21,7 @@ import torch
 
 from mova_rt.checkpoint import randomize_
 from mova_rt.config import MovaConfig
+from mova_rt.errors import MovaInputError
 from mova_rt.loader import load_state
 from mova_rt.models.audio_dit import AudioDiT
 from mova_rt.models.bridge import Bridge
@@ -130,6 +131,8 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
         except torch.OutOfMemoryError as e:
             r.fail("oom", _oom_message(e, device, "preparation"))
             free_device_memory(device)
+        except MovaInputError as e:      # e.g. a kernel set whose package is not installed
+            r.fail("unavailable", str(e))
         sync(device)
         r.prepare_s = time.perf_counter() - t0
 

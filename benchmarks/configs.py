@@ -78,6 +78,10 @@ def eager_runner(kernels: str):
 register("reference", "eager PyTorch, bf16, SDPA attention, float64 video RoPE (as the reference "
          "code), sequential CFG")(eager_runner("reference"))
 register("sdpa", "as reference, with the video RoPE in float32")(eager_runner("sdpa"))
+register("triton", "eager modules, mova-rt's fused Triton kernels (norm + RoPE + attention, "
+         "adaLN), sequential CFG")(eager_runner("triton"))
+register("flash-attn", "as sdpa, with the flash-attn package's attention (when installed)")(
+    eager_runner("flash-attn"))
 
 
 def parse_configs(text: str) -> list[RuntimeConfig]:

@@ -46,7 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num_frames", type=int, default=None)
     p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--configs", default="reference",
+    p.add_argument("--configs", "--kernels", dest="configs", default="reference",
                    help=f"comma-separated runtime configurations ({', '.join(CONFIGS)}); the "
                         "first is the baseline of the ratios")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per configuration")

@@ -55,7 +55,8 @@ def _generate_parser(sub):
     p.add_argument("--lora_scale", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--kernels", default="reference", help="kernel set: reference or sdpa")
+    p.add_argument("--kernels", default="reference",
+                   help="kernel set: reference (exact), sdpa, triton (fused kernels), flash-attn")
     p.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final video/audio latents as safetensors")
     p.add_argument("--no-progress", dest="progress", action="store_false")
