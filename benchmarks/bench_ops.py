@@ -215,6 +215,12 @@ def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) ->
         work=2.0 * 2 * elems,
         make_inputs=lambda: (randn(1, lv, d), randn(d), randn(d), EPS),
         backends=by_kernel_set(sets, "layernorm_affine")))
+    cases.append(OpCase(
+        name="norm.residual_norm3", shape=f"[1, {lv}, {d}] bf16 -> x, norm3(x)", unit="GB/s",
+        work=4.0 * 2 * elems,
+        make_inputs=lambda: (randn(1, lv, d), randn(1, 1, d), randn(1, lv, d), randn(d), randn(d),
+                             EPS),
+        backends=by_kernel_set(sets, "residual_layernorm_affine")))
     return cases
 
 
@@ -229,6 +235,12 @@ def _scores_budget(device: torch.device) -> int:
 def _reps_for(seconds_per_call: float) -> int:
     """About a second of timed calls per backend."""
     return int(min(50, max(3, 1.0 / max(seconds_per_call, 1e-6))))
+
+
+def _max_diff(a, b) -> float:
+    """Largest elementwise difference of two outputs (tensors or tuples of tensors)."""
+    pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+    return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
 
 
 def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, full: bool,
@@ -268,7 +280,7 @@ def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, fu
                 if first_out is None:
                     first_out = out
                 else:
-                    row["max_abs_diff_vs_first"] = (out.float() - first_out.float()).abs().max().item()
+                    row["max_abs_diff_vs_first"] = _max_diff(out, first_out)
             results.append(row)
             log(f"op {case.name} [{backend}]: " + (
                 f"{row['median_ms']:.3f} ms, {row['rate']:.1f} {case.unit}" if row["status"] == "ok"

@@ -12,7 +12,7 @@ import torch
 
 from ..ops import (attention_sdpa, compose_cross_attention, compose_self_attention,
                    gated_residual_eager, layernorm_affine_eager, norm_modulate_eager, register,
-                   rope_interleaved_f32)
+                   residual_layernorm_affine_eager, rope_interleaved_f32)
 from . import adaln
 from .attention import fused_attention
 
@@ -54,3 +54,10 @@ def layernorm_affine_triton(x, weight, bias, eps):
     if x.dtype != BF16:
         return layernorm_affine_eager(x, weight, bias, eps)
     return adaln.layernorm_affine(x, weight, bias, eps)
+
+
+@register("residual_layernorm_affine", "triton")
+def residual_layernorm_affine_triton(x, gate, y, weight, bias, eps):
+    if x.dtype != BF16:
+        return residual_layernorm_affine_eager(x, gate, y, weight, bias, eps)
+    return adaln.gated_residual_layernorm_affine(x, gate, y, weight, bias, eps)

@@ -17,6 +17,8 @@ Op kinds and their contracts (activations [B, L, ...] in the model dtype):
   fp32, rounded once (the reference's compiled modulate).
 - gated_residual(x, gate, y): x + gate * y.
 - layernorm_affine(x, weight, bias, eps): LayerNorm with affine (norm3, the bridge's y_norm).
+- residual_layernorm_affine(x, gate, y, weight, bias, eps) -> (x + gate * y, its norm3): the
+  residual add fused with the next norm (one pass over x and y).
 - gemm(x, weight, bias): y = x W^T + b (the bench's linear shapes; Linear layers are swapped as a
   whole by the quantization transform).
 
@@ -41,7 +43,7 @@ from .errors import MovaInputError
 from .rope import apply_rope_rotate_half
 
 KINDS = ("attention", "rope_interleaved", "self_attention", "cross_attention", "norm_modulate",
-         "gated_residual", "layernorm_affine", "gemm")
+         "gated_residual", "layernorm_affine", "residual_layernorm_affine", "gemm")
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 
 
@@ -130,6 +132,12 @@ def layernorm_affine_eager(x, weight, bias, eps):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+@register("residual_layernorm_affine", "eager")
+def residual_layernorm_affine_eager(x, gate, y, weight, bias, eps):
+    x = gated_residual_eager(x, gate, y)
+    return x, layernorm_affine_eager(x, weight, bias, eps)
+
+
 register("gemm", "torch")(F.linear)
 
 
@@ -173,6 +181,7 @@ class Ops:
     norm_modulate: Callable
     gated_residual: Callable
     layernorm_affine: Callable
+    residual_layernorm_affine: Callable
     gemm: Callable
 
 
@@ -201,4 +210,5 @@ def resolve(kernels: str = "reference", wrap_attention: Callable | None = None) 
                norm_modulate=_REGISTRY["norm_modulate"][norm],
                gated_residual=_REGISTRY["gated_residual"][norm],
                layernorm_affine=_REGISTRY["layernorm_affine"][norm],
+               residual_layernorm_affine=_REGISTRY["residual_layernorm_affine"][norm],
                gemm=_REGISTRY["gemm"]["torch"])

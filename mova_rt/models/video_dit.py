@@ -139,8 +139,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         ops, n3 = self.ops, self.norm3
         y = self.self_attn(ops.norm_modulate(x, shift_msa, scale_msa, self.norm1.eps), rope)
-        x = ops.gated_residual(x, gate_msa, y)
-        x = x + self.cross_attn(ops.layernorm_affine(x, n3.weight, n3.bias, n3.eps), context)
+        x, h = ops.residual_layernorm_affine(x, gate_msa, y, n3.weight, n3.bias, n3.eps)
+        x = x + self.cross_attn(h, context)
         y = self.ffn(ops.norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))
         return ops.gated_residual(x, gate_mlp, y)
 
