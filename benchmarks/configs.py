@@ -19,7 +19,7 @@ from mova_rt.models.bridge import Bridge
 from mova_rt.models.dual_tower import dual_tower_forward
 from mova_rt.models.video_dit import VideoDiT
 from mova_rt.ops import resolve
-from mova_rt.sampler import GuidedStep
+from mova_rt.sampler import Guidance, GuidedStep
 from mova_rt.scheduler import FlowMatchScheduler
 
 
@@ -62,22 +62,27 @@ def share_weights(module_cls, module_cfg, ops, source: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def eager_runner(kernels: str):
+def eager_runner(kernels: str, cfg_batch: bool = False):
     def prepare(shared, cfg, scheduler: FlowMatchScheduler, cfg_scale: float, fps: float):
         ops = resolve(kernels)
         video = share_weights(VideoDiT, cfg.video_dit, ops, shared["video_dit"])
         audio = share_weights(AudioDiT, cfg.audio_dit, ops, shared["audio_dit"])
         bridge = share_weights(Bridge, cfg.bridge, ops, shared["dual_tower_bridge"])
 
-        def forward(dit, video_in, audio_in, text, t, video_fps):
-            return dual_tower_forward(dit, audio, bridge, video_in, audio_in, text, t, video_fps)
-        return Runner(video, audio, bridge, GuidedStep(forward, scheduler, cfg_scale, fps))
+        def forward(dit, video_in, audio_in, text, t, video_fps, prepared=None, bridge_from=0):
+            return dual_tower_forward(dit, audio, bridge, video_in, audio_in, text, t, video_fps,
+                                      prepared=prepared, bridge_from=bridge_from)
+        guidance = Guidance(cfg_scale, batch=cfg_batch)
+        return Runner(video, audio, bridge, GuidedStep(forward, scheduler, guidance, fps, audio,
+                                                       bridge))
     return prepare
 
 
 register("reference", "eager PyTorch, bf16, SDPA attention, float64 video RoPE (as the reference "
          "code), sequential CFG")(eager_runner("reference"))
 register("sdpa", "as reference, with the video RoPE in float32")(eager_runner("sdpa"))
+register("cfg-batch", "as reference, with the two guidance passes as one batch")(
+    eager_runner("reference", cfg_batch=True))
 register("triton", "eager modules, mova-rt's fused Triton kernels (norm + RoPE + attention, "
          "adaLN), sequential CFG")(eager_runner("triton"))
 register("flash-attn", "as sdpa, with the flash-attn package's attention (when installed)")(

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mova_rt.config import MovaConfig
 from mova_rt.models.audio_dit import AudioDiT
 from mova_rt.models.bridge import Bridge
-from mova_rt.models.dual_tower import dual_tower_forward
+from mova_rt.models.dual_tower import Prepared, dual_tower_forward
 from mova_rt.models.video_dit import VideoDiT
 from mova_rt.ops import resolve
 
@@ -130,9 +130,18 @@ def meta_plan(cfg: MovaConfig, s: Shapes, kernels: str = "reference") -> dict:
         "bridge": [modules["dual_tower_bridge"]]})
     try:
         with counter, tracker:
-            video_v, audio_v = dual_tower_forward(modules["video_dit"], modules["audio_dit"],
-                                                  modules["dual_tower_bridge"], video_in, audio_in,
-                                                  text, timestep, s.fps)
+            # The text K/V (computed once per request by the sampler) belong to the blocks.
+            kv = {}
+            for name in ("video_dit", "audio_dit"):
+                dit = modules[name]
+                ctx = dit.text_embedding(text)
+                before = counter.get_total_flops()
+                kv[name] = [block.cross_attn.kv(ctx) for block in dit.blocks]
+                counted_towers[name.split("_")[0] + "_blocks"] += counter.get_total_flops() - before
+            video_v, audio_v = dual_tower_forward(
+                modules["video_dit"], modules["audio_dit"], modules["dual_tower_bridge"], video_in,
+                audio_in, text, timestep, s.fps,
+                prepared=Prepared(video_text=kv["video_dit"], audio_text=kv["audio_dit"]))
             out_shapes = [list(video_v.shape), list(audio_v.shape)]
     finally:
         for handle in handles:

@@ -41,7 +41,14 @@ def _generate_parser(sub):
     p.add_argument("--width", type=int, default=None, help="default 1280 (tiny model: 96)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--cfg_scale", type=float, default=5.0)
+    p.add_argument("--cfg_scale", type=float, default=5.0,
+                   help="text guidance scale s_T (1: one pass per step)")
+    p.add_argument("--bridge_cfg_scale", type=float, default=1.0,
+                   help="Dual CFG bridge scale s_B (paper 5.1; 1 = the released text CFG, e.g. 3.5 "
+                        "for stronger audio-video sync, 3 passes per step)")
+    p.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_const", const=False,
+                   default=None, help="run the guidance passes one after the other (as the "
+                                      "reference; default: as one batch, sequential on OOM)")
     p.add_argument("--sigma_shift", type=float, default=None,
                    help="not supported: the reference ignores it; the shift comes from "
                         "scheduler/scheduler_config.json")
@@ -152,7 +159,8 @@ def cmd_generate(args) -> int:
                negative_prompt=args.negative_prompt,
                num_frames=args.num_frames, fps=args.fps, seed=args.seed,
                num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
-               remove_video_dit=args.remove_video_dit, progress=args.progress)
+               remove_video_dit=args.remove_video_dit, progress=args.progress,
+               bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch)
     t0 = time.perf_counter()
     write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
     out.timings["mux"] = time.perf_counter() - t0

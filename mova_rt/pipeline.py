@@ -9,9 +9,13 @@ latents fp32 between steps, video VAE decode, DAC decode in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
 import os
+import warnings
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +36,10 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
 from .ops import resolve
-from .sampler import GuidedStep
+from .sampler import Guidance, GuidedStep
 from .scheduler import FlowMatchScheduler
 
+CONDITION_CACHE_SIZE = 4   # conditioning latents kept per pipeline (a 360p one is 1.4 MB)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -63,6 +68,7 @@ class MovaPipeline:
         self.audio_vae = modules["audio_vae"]
         self.text_encoder: TextEncoder = modules["text_encoder"]
         self.load_seconds = 0.0
+        self._conditions: OrderedDict = OrderedDict()   # (image digest, frames) -> VAE latent
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -121,8 +127,25 @@ class MovaPipeline:
             return load_reference_image(ref_path, height, width)
         return image_to_tensor(white_image(height, width))
 
-    def _forward(self, dit, video_in, audio_in, text, t, fps):
-        return dual_tower_forward(dit, self.audio_dit, self.bridge, video_in, audio_in, text, t, fps)
+    def _condition_latent(self, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The VAE latent of the conditioning clip, cached per (image, size, frames) within the
+        process: the same first frame is encoded once (an exact cache: same input, same output)."""
+        pixels = image.detach().to("cpu", torch.float32).contiguous()
+        key = (hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), tuple(pixels.shape),
+               num_frames)
+        if key in self._conditions:
+            self._conditions.move_to_end(key)
+            return self._conditions[key]
+        cond = encode_condition(self.video_vae, self.cfg.video_vae,
+                                image.to(self.device, torch.float32), num_frames)
+        self._conditions[key] = cond
+        while len(self._conditions) > CONDITION_CACHE_SIZE:
+            self._conditions.popitem(last=False)
+        return cond
+
+    def _forward(self, dit, video_in, audio_in, text, t, fps, prepared=None, bridge_from=0):
+        return dual_tower_forward(dit, self.audio_dit, self.bridge, video_in, audio_in, text, t, fps,
+                                  prepared=prepared, bridge_from=bridge_from)
 
     @torch.no_grad()
     def __call__(self, prompt: str, image=None, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
@@ -130,10 +153,15 @@ class MovaPipeline:
                  num_inference_steps: int = 50, cfg_scale: float = 5.0,
                  remove_video_dit: bool = False, progress: bool = True,
                  ref_path: str | None = None, height: int | None = None,
-                 width: int | None = None) -> MovaOutput:
+                 width: int | None = None, bridge_cfg_scale: float = 1.0,
+                 cfg_batch: bool | None = None) -> MovaOutput:
         """The CLI's arguments. The first frame is `image` (a [1, 3, H, W] tensor in [-1, 1], or a
         PIL image that is centre-cropped and resized to height x width), or the file `ref_path`,
-        or, when neither is given, a white frame (text-to-video-audio)."""
+        or, when neither is given, a white frame (text-to-video-audio).
+
+        bridge_cfg_scale: Dual CFG's s_B (1 = the released text CFG). cfg_batch: run the guidance
+        passes of a step as one batch (None: batched, and sequential after an out-of-memory;
+        False: one after the other, bit-identical to the reference)."""
         image = self._first_frame(image, ref_path, height, width)
         _, _, height, width = image.shape
         vae = self.cfg.video_vae
@@ -142,6 +170,9 @@ class MovaPipeline:
             raise MovaInputError(f"--fps {fps} must be positive")
         if num_inference_steps < 1:
             raise MovaInputError("--num_inference_steps must be at least 1")
+        for name, s in (("--cfg_scale", cfg_scale), ("--bridge_cfg_scale", bridge_cfg_scale)):
+            if not np.isfinite(s):
+                raise MovaInputError(f"{name} {s} must be a finite number")
         dev, timings = self.device, {}
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -157,7 +188,7 @@ class MovaPipeline:
                             dtype=torch.float32)
 
         t0 = time.perf_counter()
-        cond = encode_condition(self.video_vae, vae, image.to(dev, torch.float32), num_frames)
+        cond = self._condition_latent(image, num_frames)
         mask = torch.zeros((1, vae.scale_factor_temporal, t_lat, h_lat, w_lat), device=dev)
         mask[:, :, 0] = 1.0                         # latent frame 0 is the given first frame
         condition = torch.cat([mask, cond], dim=1)  # [1, 4 + z, T, h, w]
@@ -166,13 +197,15 @@ class MovaPipeline:
 
         t0 = time.perf_counter()
         pos = self.text_encoder.encode([prompt], dev, self.dtype)
-        neg = self.text_encoder.encode([negative_prompt], dev, self.dtype) if cfg_scale != 1.0 else None
+        guidance = Guidance(cfg_scale, bridge_cfg_scale, batch=cfg_batch is not False)
+        uses_neg = any(name == "neg" for name, _ in guidance.passes())
+        neg = self.text_encoder.encode([negative_prompt], dev, self.dtype) if uses_neg else None
         sync()
         timings["text"] = time.perf_counter() - t0
 
         sched = FlowMatchScheduler(self.cfg.scheduler, num_inference_steps)
         switch_at = sched.expert_switch_index(self.cfg.pipeline.boundary_ratio)
-        step = GuidedStep(self._forward, sched, cfg_scale, fps)
+        step = GuidedStep(self._forward, sched, guidance, fps, self.audio_dit, self.bridge)
         dit = self.video_dit
         t0 = time.perf_counter()
         for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
@@ -181,7 +214,18 @@ class MovaPipeline:
                 if remove_video_dit:
                     self.video_dit = None
                     gc.collect()
-            latents, audio = step(dit, i, latents, audio, condition, pos, neg)
+            try:
+                latents, audio = step(dit, i, latents, audio, condition, pos, neg)
+            except torch.OutOfMemoryError:
+                if cfg_batch is not None or not step.guidance.batch:
+                    raise
+                # Batched guidance did not fit: free the batch and go on one pass at a time.
+                warnings.warn("batched guidance ran out of GPU memory: running the guidance passes "
+                              "one after the other (--no-cfg-batch skips the attempt)")
+                step.guidance = dataclasses.replace(step.guidance, batch=False)
+                gc.collect()
+                torch.cuda.empty_cache()
+                latents, audio = step(dit, i, latents, audio, condition, pos, neg)
         forwards = step.forwards_per_step * len(step.timesteps)
         sync()
         timings["denoise"] = time.perf_counter() - t0

@@ -127,3 +127,14 @@ def test_make_checkpoint_refuses_existing_and_full_size(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
     r = cli("make-checkpoint", "--preset", "mova-360p", "--out", str(tmp_path / "big"))
     assert r.returncode == 2 and "only the 'tiny' preset" in r.stderr
+
+
+def test_dual_cfg_and_sequential_guidance_flags(tmp_path, cache):
+    out = tmp_path / "dual.mp4"
+    r = cli("generate", "--output_path", str(out), "--num_inference_steps", "2",
+            "--bridge_cfg_scale", "3.5", "--no-cfg-batch", env_extra={"MOVA_RT_CACHE": cache})
+    assert r.returncode == 0, r.stderr
+    assert "6 forwards" in r.stderr and out.exists()       # three passes per step
+    r = cli("generate", "--output_path", str(out), "--bridge_cfg_scale", "nan",
+            env_extra={"MOVA_RT_CACHE": cache})
+    assert r.returncode == 2 and "--bridge_cfg_scale nan must be a finite number" in r.stderr

@@ -49,7 +49,7 @@ def test_dit_block_matches_explicit_formula():
     t_mod = torch.randn(1, 6, dim)
     identity = (torch.ones(L, 16, dtype=torch.float64), torch.zeros(L, 16, dtype=torch.float64))
     rope = SimpleNamespace(tables=lambda: identity)     # a RoPE that rotates by zero
-    out = block(x, ctx, t_mod, rope)
+    out = block(x, block.cross_attn.kv(ctx), t_mod, rope)
 
     sa, ca = block.self_attn, block.cross_attn
     m = (block.modulation + t_mod)[0]
@@ -126,10 +126,10 @@ def test_text_attention_covers_all_512_rows_without_mask():
     ca = randomize(CrossAttention(64, 2, 1e-6, OPS))
     x = torch.randn(1, 6, 64)
     ctx = torch.randn(1, 512, 64)
-    base = ca(x, ctx)
+    base = ca(x, ca.kv(ctx))
     ctx2 = ctx.clone()
     ctx2[:, 20:] += 1.0
-    assert not torch.allclose(base, ca(x, ctx2), atol=1e-4)
+    assert not torch.allclose(base, ca(x, ca.kv(ctx2)), atol=1e-4)
     q = rms(F.linear(x, ca.q.weight, ca.q.bias), ca.norm_q.weight)
     k = rms(F.linear(ctx, ca.k.weight, ca.k.bias), ca.norm_k.weight)
     v = F.linear(ctx, ca.v.weight, ca.v.bias)

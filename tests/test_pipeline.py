@@ -20,8 +20,9 @@ class Spy:
     def __init__(self, pipe, velocity=0.0):
         self.pipe, self.calls, self.velocity = pipe, [], velocity
 
-    def __call__(self, dit, video_in, audio_in, text, t, fps):
-        self.calls.append(dict(dit=dit, video_in=video_in.clone(), text=text, t=t.item()))
+    def __call__(self, dit, video_in, audio_in, text, t, fps, prepared=None, bridge_from=0):
+        self.calls.append(dict(dit=dit, video_in=video_in.clone(), text=text, t=t.item(),
+                               bridge_from=bridge_from))
         fill = self.velocity(text) if callable(self.velocity) else self.velocity
         return (torch.full_like(video_in[:, :16], fill), torch.full_like(audio_in, fill))
 
@@ -30,6 +31,7 @@ def run(pipe, monkeypatch, image, velocity=0.0, **kw):
     spy = Spy(pipe, velocity)
     monkeypatch.setattr(pipe, "_forward", spy)
     kw.setdefault("num_inference_steps", 6)
+    kw.setdefault("cfg_batch", False)     # one pass per call, as the reference runs them
     out = pipe("a prompt", image, num_frames=F_, progress=False, **kw)
     return out, spy
 

@@ -2,13 +2,19 @@
 (the reference's inference_single_step + forward_dual_tower_dit, spec 1.5 and 3.5).
 
     t, t_mod   = time MLPs(timestep) for each tower (fp32, then the block dtype)
-    ctx_v/ctx_a = text_embedding(text) for each tower (512 zero-padded rows, no mask)
+    ctx_v/ctx_a = text_embedding(text) for each tower (512 zero-padded rows, no mask), and from it
+                 the K/V of every block's text cross-attention
     for i < min(layers):  [bridge before block i] -> video block i -> audio block i
     for the remaining video layers: video block i
     heads (modulated by t), unpatchify
+
+The per-request constants (time embeddings of each step, text K/V, RoPE descriptions) can be
+handed in precomputed (`Prepared`); they are then not recomputed, with identical results.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -17,38 +23,67 @@ from .bridge import Bridge
 from .video_dit import VideoDiT, time_embeddings
 
 
+@dataclass
+class Prepared:
+    """Exact per-request caches; a field left None is computed by the forward."""
+    video_time: tuple | None = None      # (t [B, D], t_mod [B, 6, D]) in the block dtype
+    audio_time: tuple | None = None
+    video_text: list | None = None       # per video block: (k, v) of its text cross-attention
+    audio_text: list | None = None
+    ropes: tuple | None = None           # (video, audio, bridge video, bridge audio)
+
+
+def text_kv(dit, text: torch.Tensor) -> list:
+    """The K/V [B, 512, H, D] of every block's text cross-attention (k before its RMSNorm)."""
+    dtype = dit.patch_embedding.weight.dtype
+    ctx = dit.text_embedding(text.to(dtype))                                 # [B, 512, D]
+    return [block.cross_attn.kv(ctx) for block in dit.blocks]
+
+
+def ropes(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge, grid: tuple, agrid: tuple,
+          video_fps: float, dtype: torch.dtype, device) -> tuple:
+    bv, ba = bridge.rope(grid, agrid[0], video_fps, dtype, device)
+    return video_dit.rope(grid, device), audio_dit.rope(agrid, device), bv, ba
+
+
 @torch.no_grad()
 def dual_tower_forward(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge,
                        video_in: torch.Tensor, audio_in: torch.Tensor, text: torch.Tensor,
-                       timestep: torch.Tensor, video_fps: float):
+                       timestep: torch.Tensor, video_fps: float, prepared: Prepared | None = None,
+                       bridge_from: int = 0):
     """video_in [B, 36, F, H, W] (noisy | mask | condition), audio_in [B, C_a, L_a], text
-    [B, 512, text_dim], timestep [B] fp32 (the same for both towers in the released pipeline).
+    [B, 512, text_dim] (unused when `prepared` holds the text K/V), timestep [1] or [B] fp32
+    (the same for both towers in the released pipeline). Batch rows >= bridge_from get the
+    bridge; rows before it run the two towers independently (Dual CFG's bridge-off pass).
     Returns the velocities (video [B, 16, F, H, W], audio [B, C_a, L_a]) in the block dtype."""
+    p = prepared or Prepared()
     dtype = video_dit.patch_embedding.weight.dtype
     device = video_in.device
-    vt, vt_mod = time_embeddings(video_dit, timestep, dtype)                # [B, D], [B, 6, D]
-    at, at_mod = time_embeddings(audio_dit, timestep, dtype)
-    text = text.to(dtype)
-    ctx_v = video_dit.text_embedding(text)                                   # [B, 512, D_v]
-    ctx_a = audio_dit.text_embedding(text)                                   # [B, 512, D_a]
+    vt, vt_mod = p.video_time or time_embeddings(video_dit, timestep, dtype)  # [B, D], [B, 6, D]
+    at, at_mod = p.audio_time or time_embeddings(audio_dit, timestep, dtype)
+    kv_v = p.video_text or text_kv(video_dit, text)
+    kv_a = p.audio_text or text_kv(audio_dit, text)
 
     vx, grid = video_dit.patchify(video_in.to(dtype))                        # [B, L_v, D_v]
     ax, agrid = audio_dit.patchify(audio_in.to(dtype))                       # [B, L_a, D_a]
-    v_rope = video_dit.rope(grid, device)
-    a_rope = audio_dit.rope(agrid, device)
-    bv_rope, ba_rope = bridge.rope(grid, agrid[0], video_fps, dtype, device)
+    v_rope, a_rope, bv_rope, ba_rope = p.ropes or ropes(video_dit, audio_dit, bridge, grid, agrid,
+                                                        video_fps, dtype, device)
 
     interact = set(bridge.layers)
     shared = min(len(video_dit.blocks), len(audio_dit.blocks))
+    k = bridge_from
     for i in range(shared):
-        if i in interact:
-            vx, ax = bridge(i, vx, ax, bv_rope, ba_rope)
-        vx = video_dit.blocks[i](vx, ctx_v, vt_mod, v_rope)
-        ax = audio_dit.blocks[i](ax, ctx_a, at_mod, a_rope)
-    for block in list(video_dit.blocks)[shared:]:
-        vx = block(vx, ctx_v, vt_mod, v_rope)
+        if i in interact and k < vx.shape[0]:
+            if k == 0:
+                vx, ax = bridge(i, vx, ax, bv_rope, ba_rope)
+            else:
+                nv, na = bridge(i, vx[k:], ax[k:], bv_rope, ba_rope)
+                vx, ax = torch.cat([vx[:k], nv]), torch.cat([ax[:k], na])
+        vx = video_dit.blocks[i](vx, kv_v[i], vt_mod, v_rope)
+        ax = audio_dit.blocks[i](ax, kv_a[i], at_mod, a_rope)
+    for i in range(shared, len(video_dit.blocks)):
+        vx = video_dit.blocks[i](vx, kv_v[i], vt_mod, v_rope)
 
     video_v = video_dit.unpatchify(video_dit.head(vx, vt), grid)
     audio_v = audio_dit.unpatchify(audio_dit.head(ax, at), agrid)
     return video_v, audio_v
-

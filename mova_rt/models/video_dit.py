@@ -102,12 +102,16 @@ class CrossAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def kv(self, context: torch.Tensor) -> tuple:
+        """K (before its RMSNorm) and V [B, 512, H, D] of the text: constant over a request."""
+        b, lc, _ = context.shape
+        return (self.k(context).view(b, lc, self.num_heads, -1),
+                self.v(context).view(b, lc, self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, kv: tuple) -> torch.Tensor:
         b, l, _ = x.shape
-        lc = context.shape[1]
+        k, v = kv                                                          # [B, 512, H, D]
         q = self.q(x).view(b, l, self.num_heads, -1)                       # [B, L, H, D]
-        k = self.k(context).view(b, lc, self.num_heads, -1)                # [B, 512, H, D]
-        v = self.v(context).view(b, lc, self.num_heads, -1)
         out = self.ops.cross_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
                                        self.norm_q.eps)
         return self.o(out.reshape(b, l, -1))
@@ -132,15 +136,16 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor,
+    def forward(self, x: torch.Tensor, text_kv: tuple, t_mod: torch.Tensor,
                 rope: InterleavedRope) -> torch.Tensor:
+        # text_kv: the text K/V of this block's cross-attention (CrossAttention.kv).
         # t_mod [B, 6, dim] in the block dtype; each chunk [B, 1, dim].
         mod = self.modulation.to(t_mod.dtype) + t_mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         ops, n3 = self.ops, self.norm3
         y = self.self_attn(ops.norm_modulate(x, shift_msa, scale_msa, self.norm1.eps), rope)
         x, h = ops.residual_layernorm_affine(x, gate_msa, y, n3.weight, n3.bias, n3.eps)
-        x = x + self.cross_attn(h, context)
+        x = x + self.cross_attn(h, text_kv)
         y = self.ffn(ops.norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))
         return ops.gated_residual(x, gate_mlp, y)
 
