@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from mova_rt.cache import StepCache
 from mova_rt.errors import MovaInputError
 from mova_rt.models.audio_dit import AudioDiT
 from mova_rt.models.bridge import Bridge
@@ -62,19 +63,20 @@ def share_weights(module_cls, module_cfg, ops, source: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def eager_runner(kernels: str, cfg_batch: bool = False):
+def eager_runner(kernels: str, cfg_batch: bool = False, cache: bool = False):
     def prepare(shared, cfg, scheduler: FlowMatchScheduler, cfg_scale: float, fps: float):
         ops = resolve(kernels)
         video = share_weights(VideoDiT, cfg.video_dit, ops, shared["video_dit"])
         audio = share_weights(AudioDiT, cfg.audio_dit, ops, shared["audio_dit"])
         bridge = share_weights(Bridge, cfg.bridge, ops, shared["dual_tower_bridge"])
 
-        def forward(dit, video_in, audio_in, text, t, video_fps, prepared=None, bridge_from=0):
+        def forward(dit, video_in, audio_in, text, t, video_fps, **kw):
             return dual_tower_forward(dit, audio, bridge, video_in, audio_in, text, t, video_fps,
-                                      prepared=prepared, bridge_from=bridge_from)
+                                      **kw)
         guidance = Guidance(cfg_scale, batch=cfg_batch)
+        step_cache = StepCache.every_other(len(scheduler.timesteps)) if cache else None
         return Runner(video, audio, bridge, GuidedStep(forward, scheduler, guidance, fps, audio,
-                                                       bridge))
+                                                       bridge, step_cache))
     return prepare
 
 
@@ -83,6 +85,8 @@ register("reference", "eager PyTorch, bf16, SDPA attention, float64 video RoPE (
 register("sdpa", "as reference, with the video RoPE in float32")(eager_runner("sdpa"))
 register("cfg-batch", "as reference, with the two guidance passes as one batch")(
     eager_runner("reference", cfg_batch=True))
+register("cache", "as cfg-batch, with step caching on every other step (--cache schedule): "
+         "compare mean step times")(eager_runner("reference", cfg_batch=True, cache=True))
 register("triton", "eager modules, mova-rt's fused Triton kernels (norm + RoPE + attention, "
          "adaLN), sequential CFG")(eager_runner("triton"))
 register("flash-attn", "as sdpa, with the flash-attn package's attention (when installed)")(

@@ -27,9 +27,9 @@ def sync(device: torch.device):
 
 
 def spread(values: list[float]) -> dict:
-    """Median with min / max (and every sample, for the JSON)."""
+    """Median with min / max and the mean (and every sample, for the JSON)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "samples": list(values)}
+            "mean": statistics.fmean(values), "samples": list(values)}
 
 
 class Stamp:

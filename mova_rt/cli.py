@@ -46,6 +46,11 @@ def _generate_parser(sub):
     p.add_argument("--bridge_cfg_scale", type=float, default=1.0,
                    help="Dual CFG bridge scale s_B (paper 5.1; 1 = the released text CFG, e.g. 3.5 "
                         "for stronger audio-video sync, 3 passes per step)")
+    p.add_argument("--cache", choices=("off", "auto", "schedule"), default="off",
+                   help="step caching (approximate): reuse the DiT stack's residual on steps "
+                        "predicted to change little (auto) or every other step (schedule)")
+    p.add_argument("--cache_threshold", type=float, default=0.1,
+                   help="--cache auto: reuse below this relative change of the first layer")
     p.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_const", const=False,
                    default=None, help="run the guidance passes one after the other (as the "
                                       "reference; default: as one batch, sequential on OOM)")
@@ -160,7 +165,8 @@ def cmd_generate(args) -> int:
                num_frames=args.num_frames, fps=args.fps, seed=args.seed,
                num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
                remove_video_dit=args.remove_video_dit, progress=args.progress,
-               bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch)
+               bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch,
+               cache=args.cache, cache_threshold=args.cache_threshold)
     t0 = time.perf_counter()
     write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
     out.timings["mux"] = time.perf_counter() - t0
@@ -186,7 +192,8 @@ def _summary(pipe, out, args, total):
           f"{out.frames.shape[1]} @ {args.fps:g} fps + {out.sample_rate} Hz audio", file=sys.stderr)
     print(f"time: load {pipe.load_seconds:.2f}s | text {t['text']:.2f}s | vae encode "
           f"{t['vae_encode']:.2f}s | denoise {t['denoise']:.2f}s ({t['denoise'] / steps:.3f} s/step, "
-          f"{out.forwards} forwards) | decode {t['decode']:.2f}s | mux {t['mux']:.2f}s | total "
+          f"{out.forwards} forwards" + (f", {out.reused} reused by --cache {args.cache}"
+                                        if args.cache != "off" else "") + f") | decode {t['decode']:.2f}s | mux {t['mux']:.2f}s | total "
           f"{total:.2f}s", file=sys.stderr)
     print(f"memory: peak VRAM {vram} | peak host RSS {rss_gb:.2f} GiB", file=sys.stderr)
 

@@ -36,6 +36,8 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
 from .ops import resolve
+from .cache import MODES as CACHE_MODES
+from .cache import StepCache
 from .sampler import Guidance, GuidedStep
 from .scheduler import FlowMatchScheduler
 
@@ -52,7 +54,8 @@ class MovaOutput:
     video_latents: torch.Tensor   # fp32 [1, z, T, h, w] (normalised, as the sampler ends)
     audio_latents: torch.Tensor   # fp32 [1, C_a, L_a]
     timings: dict = field(default_factory=dict)
-    forwards: int = 0             # dual-tower forwards run
+    forwards: int = 0             # dual-tower forwards computed (per guidance pass)
+    reused: int = 0               # forwards replaced by a cached residual (--cache)
 
 
 class MovaPipeline:
@@ -143,9 +146,10 @@ class MovaPipeline:
             self._conditions.popitem(last=False)
         return cond
 
-    def _forward(self, dit, video_in, audio_in, text, t, fps, prepared=None, bridge_from=0):
+    def _forward(self, dit, video_in, audio_in, text, t, fps, **kw):
+        """kw: prepared, bridge_from, step_cache, cache_key (see dual_tower_forward)."""
         return dual_tower_forward(dit, self.audio_dit, self.bridge, video_in, audio_in, text, t, fps,
-                                  prepared=prepared, bridge_from=bridge_from)
+                                  **kw)
 
     @torch.no_grad()
     def __call__(self, prompt: str, image=None, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
@@ -154,14 +158,17 @@ class MovaPipeline:
                  remove_video_dit: bool = False, progress: bool = True,
                  ref_path: str | None = None, height: int | None = None,
                  width: int | None = None, bridge_cfg_scale: float = 1.0,
-                 cfg_batch: bool | None = None) -> MovaOutput:
+                 cfg_batch: bool | None = None, cache: str = "off",
+                 cache_threshold: float = 0.1) -> MovaOutput:
         """The CLI's arguments. The first frame is `image` (a [1, 3, H, W] tensor in [-1, 1], or a
         PIL image that is centre-cropped and resized to height x width), or the file `ref_path`,
         or, when neither is given, a white frame (text-to-video-audio).
 
         bridge_cfg_scale: Dual CFG's s_B (1 = the released text CFG). cfg_batch: run the guidance
         passes of a step as one batch (None: batched, and sequential after an out-of-memory;
-        False: one after the other, bit-identical to the reference)."""
+        False: one after the other, bit-identical to the reference). cache: step caching
+        (mova_rt.cache): off (exact), auto (reuse when the first layer's residual changed by less
+        than cache_threshold), schedule (every other step)."""
         image = self._first_frame(image, ref_path, height, width)
         _, _, height, width = image.shape
         vae = self.cfg.video_vae
@@ -205,7 +212,13 @@ class MovaPipeline:
 
         sched = FlowMatchScheduler(self.cfg.scheduler, num_inference_steps)
         switch_at = sched.expert_switch_index(self.cfg.pipeline.boundary_ratio)
-        step = GuidedStep(self._forward, sched, guidance, fps, self.audio_dit, self.bridge)
+        if cache not in CACHE_MODES:
+            raise MovaInputError(f"--cache {cache} is not a mode: use {', '.join(CACHE_MODES)}")
+        n_steps = len(sched.timesteps)
+        step_cache = (StepCache.every_other(n_steps) if cache == "schedule" else
+                      StepCache(cache, threshold=cache_threshold, num_steps=n_steps))
+        step = GuidedStep(self._forward, sched, guidance, fps, self.audio_dit, self.bridge,
+                          step_cache)
         dit = self.video_dit
         t0 = time.perf_counter()
         for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
@@ -227,6 +240,11 @@ class MovaPipeline:
                 torch.cuda.empty_cache()
                 latents, audio = step(dit, i, latents, audio, condition, pos, neg)
         forwards = step.forwards_per_step * len(step.timesteps)
+        reused = 0
+        if step_cache.enabled:
+            passes = 1 if step.guidance.batch else step.forwards_per_step
+            forwards = step_cache.computed * step.forwards_per_step // passes
+            reused = step_cache.reused * step.forwards_per_step // passes
         sync()
         timings["denoise"] = time.perf_counter() - t0
 
@@ -243,4 +261,4 @@ class MovaPipeline:
         timings["decode"] = time.perf_counter() - t0
         return MovaOutput(frames=frames.numpy(), waveform=wave, sample_rate=self.audio_vae.sample_rate,
                           fps=fps, video_latents=latents.cpu(), audio_latents=audio.cpu(),
-                          timings=timings, forwards=forwards)
+                          timings=timings, forwards=forwards, reused=reused)

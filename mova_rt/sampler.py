@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .cache import StepCache
 from .models.dual_tower import Prepared, text_kv
 from .models.video_dit import time_embeddings
 from .scheduler import FlowMatchScheduler
@@ -66,12 +67,13 @@ class GuidedStep:
     (video_v, audio_v); audio_dit and bridge are the shared towers (for the caches)."""
 
     def __init__(self, forward: Callable, scheduler: FlowMatchScheduler, guidance, fps: float,
-                 audio_dit=None, bridge=None):
+                 audio_dit=None, bridge=None, step_cache: StepCache | None = None):
         self.forward = forward
         self.scheduler = scheduler
         self.guidance = guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
         self.fps = fps
         self.audio_dit, self.bridge = audio_dit, bridge
+        self.step_cache = step_cache if step_cache is not None and step_cache.enabled else None
         self.timesteps = scheduler.timesteps.tolist()   # host floats: no device sync per step
         self._dit = None
         self._times: dict = {}
@@ -128,6 +130,11 @@ class GuidedStep:
         model_in = torch.cat([latents, condition], dim=1)
         passes = self.guidance.passes()
         texts = {"pos": pos, "neg": neg}
+        cache = self.step_cache
+        extra = {}
+        if cache is not None:
+            cache.begin_step(i, dit)
+            extra["step_cache"] = cache
         if self.guidance.batch and len(passes) > 1:
             n, off = len(passes), sum(1 for _, on in passes if not on)
             names = tuple(name for name, _ in passes)
@@ -135,16 +142,22 @@ class GuidedStep:
             v_in = model_in.expand(n, *model_in.shape[1:]).contiguous()
             a_in = audio.expand(n, *audio.shape[1:]).contiguous()
             prep = self._prepared(dit, i, names, text, v_in, a_in)
+            if cache is not None:
+                extra["cache_key"] = names
             vv, av = self.forward(dit, v_in, a_in, text, t, self.fps, prepared=prep,
-                                  bridge_from=off)
+                                  bridge_from=off, **extra)
             outs = [(vv[j:j + 1].float(), av[j:j + 1].float()) for j in range(n)]
         else:
             outs = []
             for name, on in passes:
                 prep = self._prepared(dit, i, (name,), texts[name], model_in, audio)
+                if cache is not None:
+                    extra["cache_key"] = (name, on)
                 vv, av = self.forward(dit, model_in, audio, texts[name], t, self.fps,
-                                      prepared=prep, bridge_from=0 if on else 1)
+                                      prepared=prep, bridge_from=0 if on else 1, **extra)
                 outs.append((vv.float(), av.float()))
+        if cache is not None:
+            cache.end_step()
         v_vel = self.guidance.combine([o[0] for o in outs])
         a_vel = self.guidance.combine([o[1] for o in outs])
         t_next = steps[i + 1] if i + 1 < len(steps) else None

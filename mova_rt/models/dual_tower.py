@@ -20,6 +20,7 @@ import torch
 
 from .audio_dit import AudioDiT
 from .bridge import Bridge
+from ..cache import cached_stack
 from .video_dit import VideoDiT, time_embeddings
 
 
@@ -50,11 +51,13 @@ def ropes(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge, grid: tuple,
 def dual_tower_forward(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge,
                        video_in: torch.Tensor, audio_in: torch.Tensor, text: torch.Tensor,
                        timestep: torch.Tensor, video_fps: float, prepared: Prepared | None = None,
-                       bridge_from: int = 0):
+                       bridge_from: int = 0, step_cache=None, cache_key=None):
     """video_in [B, 36, F, H, W] (noisy | mask | condition), audio_in [B, C_a, L_a], text
     [B, 512, text_dim] (unused when `prepared` holds the text K/V), timestep [1] or [B] fp32
     (the same for both towers in the released pipeline). Batch rows >= bridge_from get the
     bridge; rows before it run the two towers independently (Dual CFG's bridge-off pass).
+    step_cache (mova_rt.cache.StepCache) may replace the layers after the first by a stored
+    residual (step caching, opt-in); cache_key names the guidance passes of this call.
     Returns the velocities (video [B, 16, F, H, W], audio [B, C_a, L_a]) in the block dtype."""
     p = prepared or Prepared()
     dtype = video_dit.patch_embedding.weight.dtype
@@ -72,17 +75,30 @@ def dual_tower_forward(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge,
     interact = set(bridge.layers)
     shared = min(len(video_dit.blocks), len(audio_dit.blocks))
     k = bridge_from
-    for i in range(shared):
-        if i in interact and k < vx.shape[0]:
+
+    def layer(i, vx, ax):
+        """[bridge before block i] -> video block i -> audio block i (video only past shared)."""
+        if i < shared and i in interact and k < vx.shape[0]:
             if k == 0:
                 vx, ax = bridge(i, vx, ax, bv_rope, ba_rope)
             else:
                 nv, na = bridge(i, vx[k:], ax[k:], bv_rope, ba_rope)
                 vx, ax = torch.cat([vx[:k], nv]), torch.cat([ax[:k], na])
         vx = video_dit.blocks[i](vx, kv_v[i], vt_mod, v_rope)
-        ax = audio_dit.blocks[i](ax, kv_a[i], at_mod, a_rope)
-    for i in range(shared, len(video_dit.blocks)):
-        vx = video_dit.blocks[i](vx, kv_v[i], vt_mod, v_rope)
+        if i < shared:
+            ax = audio_dit.blocks[i](ax, kv_a[i], at_mod, a_rope)
+        return vx, ax
+
+    v_in, a_in = vx, ax
+    vx, ax = layer(0, vx, ax)
+    reuse = cached_stack(step_cache, cache_key, v_in, a_in, vx, ax)
+    if reuse is not None:                       # step caching: the stored stack residual
+        vx, ax = vx + reuse[0], ax + reuse[1]
+    else:
+        for i in range(1, len(video_dit.blocks)):
+            vx, ax = layer(i, vx, ax)
+        if step_cache is not None and step_cache.enabled:
+            step_cache.store(vx, ax)
 
     video_v = video_dit.unpatchify(video_dit.head(vx, vt), grid)
     audio_v = audio_dit.unpatchify(audio_dit.head(ax, at), agrid)
