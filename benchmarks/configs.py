@@ -43,14 +43,15 @@ class RuntimeConfig:
     name: str
     description: str
     prepare: Callable   # (shared: dict of weight modules, cfg, scheduler, cfg_scale, fps) -> Runner
+    host_weights: bool = False   # wants the shared weights in host memory (offload)
 
 
 CONFIGS: dict[str, RuntimeConfig] = {}
 
 
-def register(name: str, description: str):
+def register(name: str, description: str, host_weights: bool = False):
     def deco(fn):
-        CONFIGS[name] = RuntimeConfig(name, description, fn)
+        CONFIGS[name] = RuntimeConfig(name, description, fn, host_weights)
         return fn
     return deco
 
@@ -87,6 +88,47 @@ register("cfg-batch", "as reference, with the two guidance passes as one batch")
     eager_runner("reference", cfg_batch=True))
 register("cache", "as cfg-batch, with step caching on every other step (--cache schedule): "
          "compare mean step times")(eager_runner("reference", cfg_batch=True, cache=True))
+def offload_runner(depth: int):
+    """Layerwise streaming (--offload group) over the shared weights: blocks in (pinned) host
+    memory through depth + 1 GPU slots, everything else on the GPU. Run with only offload
+    configurations (--configs offload-group) so the shared weights stay in host memory and the
+    VRAM figures are this configuration's own; mixed with others it streams from a host copy."""
+    def prepare(shared, cfg, scheduler, cfg_scale, fps):
+        from mova_rt.offload import BlockStreamer
+        device = _compute_device()
+        host = {name: m if next(m.parameters()).device.type == "cpu" else
+                _host_copy(name, m, cfg) for name, m in shared.items()}
+        runner = eager_runner("reference", cfg_batch=True)(host, cfg, scheduler, cfg_scale, fps)
+        blocks = (list(runner.video_dit.blocks) + list(runner.audio_dit.blocks)
+                  + list(runner.bridge.audio_to_video_conditioners.values())
+                  + list(runner.bridge.video_to_audio_conditioners.values()))
+        streamed = {id(p) for b in blocks for p in b.parameters()}
+        runner.streamer = BlockStreamer(blocks, device, depth)
+        for m in (runner.video_dit, runner.audio_dit, runner.bridge):
+            for p in m.parameters():
+                if id(p) not in streamed:
+                    p.data = p.data.to(device)
+        return runner
+    return prepare
+
+
+def _host_copy(name: str, module: nn.Module, cfg) -> nn.Module:
+    """The same weights in host memory, copied tensor by tensor (no second GPU copy)."""
+    from .bench_step import TOWERS, tower_config
+    cls = dict(TOWERS)[name]
+    with torch.device("meta"):
+        host = cls(tower_config(cfg, name), resolve("reference"))
+    host.load_state_dict({k: v.to("cpu") for k, v in module.state_dict().items()}, assign=True)
+    return host.eval()
+
+
+def _compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+register("offload-group", "cfg-batch with --offload group: blocks streamed from pinned host "
+         "memory, one block prefetched ahead (the low-VRAM mode)", host_weights=True)(
+    offload_runner(depth=1))
 register("triton", "eager modules, mova-rt's fused Triton kernels (norm + RoPE + attention, "
          "adaLN), sequential CFG")(eager_runner("triton"))
 register("flash-attn", "as sdpa, with the flash-attn package's attention (when installed)")(

@@ -222,8 +222,10 @@ def _step_phase(args, cfg, shapes, device, configs, data, log):
     log(f"building weights ({'checkpoint ' + args.ckpt_path if args.ckpt_path else 'random bf16'}"
         f" on {device})")
     t0 = time.perf_counter()
+    # Offload configurations alone keep the shared weights in host memory (see configs.py).
+    weights_device = torch.device("cpu") if all(rc.host_weights for rc in configs) else device
     try:
-        shared = build_shared_weights(cfg, device, args.ckpt_path, args.seed)
+        shared = build_shared_weights(cfg, weights_device, args.ckpt_path, args.seed)
         inputs = make_inputs(cfg, shapes, device, args.seed)
     except torch.OutOfMemoryError as e:
         msg = _oom_message(e, device, "weight build")

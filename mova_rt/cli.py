@@ -58,7 +58,14 @@ def _generate_parser(sub):
                    help="not supported: the reference ignores it; the shift comes from "
                         "scheduler/scheduler_config.json")
     p.add_argument("--cp_size", type=int, default=1)
-    p.add_argument("--offload", choices=("none", "cpu", "group"), default="none")
+    p.add_argument("--offload", choices=("none", "cpu", "group"), default=None,
+                   help="none: all weights on the GPU; cpu: components take turns on it; group: "
+                        "blocks stream through it (default: none, or what --vram-budget picks)")
+    p.add_argument("--offload_depth", type=int, default=1,
+                   help="--offload group: blocks prefetched ahead of the one computing")
+    p.add_argument("--vram-budget", dest="vram_budget", type=float, default=None, metavar="GB",
+                   help="GPU memory to stay within (GiB): picks the least offload that fits and "
+                        "caps the process there")
     p.add_argument("--offload_to_disk_path", default=None)
     p.add_argument("--remove_video_dit", action="store_true",
                    help="free the high-noise expert at the expert switch")
@@ -92,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _unsupported(args):
     """Accepted flags whose features are not built yet fail loudly instead of being ignored."""
-    if args.offload != "none" or args.offload_to_disk_path:
-        raise MovaInputError(f"--offload {args.offload} is not implemented yet in mova-rt; run "
-                             "with --offload none on a GPU that holds the model")
+    if args.offload_to_disk_path:
+        raise MovaInputError("--offload_to_disk_path is not implemented yet in mova-rt: weights "
+                             "stream from host memory; leave the flag out")
+    if args.offload_depth < 1:
+        raise MovaInputError("--offload_depth must be at least 1")
     if args.cp_size != 1:
         raise MovaInputError("--cp_size > 1 (context parallelism) is not implemented yet; run "
                              "with --cp_size 1")
@@ -156,17 +165,24 @@ def cmd_generate(args) -> int:
     else:
         ckpt = args.ckpt_path
 
+    offload = _plan_offload(args, ckpt, device)
     t_start = time.perf_counter()
-    pipe = MovaPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype, kernels=args.kernels,
-                                        lora_path=args.lora_path, lora_alpha=args.lora_alpha,
-                                        lora_scale=args.lora_scale)
-    out = pipe(args.prompt, image, height=args.height, width=args.width,
-               negative_prompt=args.negative_prompt,
-               num_frames=args.num_frames, fps=args.fps, seed=args.seed,
-               num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
-               remove_video_dit=args.remove_video_dit, progress=args.progress,
-               bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch,
-               cache=args.cache, cache_threshold=args.cache_threshold)
+    try:
+        pipe = MovaPipeline.from_pretrained(
+            ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
+            lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
+            offload_depth=args.offload_depth)
+        out = pipe(args.prompt, image, height=args.height, width=args.width,
+                   negative_prompt=args.negative_prompt,
+                   num_frames=args.num_frames, fps=args.fps, seed=args.seed,
+                   num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
+                   remove_video_dit=args.remove_video_dit, progress=args.progress,
+                   bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch,
+                   cache=args.cache, cache_threshold=args.cache_threshold)
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        raise MovaInputError(_oom_advice(args, ckpt, device, offload)) from None
     t0 = time.perf_counter()
     write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
     out.timings["mux"] = time.perf_counter() - t0
@@ -177,6 +193,65 @@ def cmd_generate(args) -> int:
                       "dtype": args.dtype, "mova_rt": __version__})
     _summary(pipe, out, args, time.perf_counter() - t_start)
     return 0
+
+
+def _estimates(args, ckpt) -> dict:
+    """GiB that each offload plan needs for this clip (weights + one forward's activations)."""
+    from .benchmarks.flops import clip_shapes
+    from .benchmarks.plan import meta_plan
+    from .config import load_config
+    from .offload import component_weights, plan_estimates
+    from .sampler import Guidance
+
+    cfg = load_config(ckpt)
+    shapes = clip_shapes(cfg, args.height, args.width, args.num_frames, args.fps)
+    guidance = Guidance(args.cfg_scale, args.bridge_cfg_scale)
+    batch = 1 if args.cfg_batch is False else len(guidance.passes())
+    try:
+        act = meta_plan(cfg, shapes, kernels=args.kernels)["activation_peak_gib"]
+    except Exception:   # a kernel set that cannot trace on meta: the reference path's estimate
+        act = meta_plan(cfg, shapes)["activation_peak_gib"]
+    return plan_estimates(component_weights(cfg), act, batch)
+
+
+def _oom_advice(args, ckpt, device, offload) -> str:
+    """One line for an out-of-memory: what each plan needs and the budget flag that picks one."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
+    est = _estimates(args, ckpt)
+    fits = [m for m in ("none", "cpu", "group") if est[m] <= total]
+    advice = (f"pass --vram-budget {total:.0f} to pick --offload {fits[0]}" if fits
+              else "make the clip smaller")
+    return (f"out of GPU memory with --offload {offload} on this {total:.0f} GiB GPU; this clip "
+            "needs about " + ", ".join(f"{g:.1f} GiB with --offload {m}" for m, g in est.items())
+            + f": {advice}")
+
+
+def _plan_offload(args, ckpt, device) -> str:
+    """--offload as given, else the least offload that fits --vram-budget (which also caps the
+    process, so a plan that does not fit fails with a clear message instead of overrunning)."""
+    import torch
+
+    from .offload import choose_plan
+    if args.vram_budget is None:
+        return args.offload or "none"
+    if not device.startswith("cuda"):
+        raise MovaInputError("--vram-budget caps GPU memory: it needs a CUDA device")
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
+    if not 0 < args.vram_budget <= total:
+        raise MovaInputError(f"--vram-budget {args.vram_budget} must be in (0, {total:.1f}] GiB")
+    est = _estimates(args, ckpt)
+    mode = args.offload or choose_plan(est, args.vram_budget)
+    if mode is None:
+        raise MovaInputError(
+            f"no plan fits --vram-budget {args.vram_budget:g} GiB for this clip (estimates: "
+            + ", ".join(f"--offload {m} {g:.1f} GiB" for m, g in est.items())
+            + "): raise the budget, or make the clip smaller")
+    torch.cuda.set_per_process_memory_fraction(args.vram_budget / total, torch.device(device))
+    print(f"notice: --vram-budget {args.vram_budget:g} GiB: --offload {mode} (estimate "
+          f"{est[mode]:.1f} GiB)", file=sys.stderr)
+    return mode
 
 
 def _summary(pipe, out, args, total):

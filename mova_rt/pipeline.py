@@ -38,6 +38,8 @@ from .models.video_vae import build_video_vae, decode_frames, encode_condition
 from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
+from .offload import MODES as OFFLOAD_MODES
+from .offload import apply_component, apply_group
 from .sampler import Guidance, GuidedStep
 from .scheduler import FlowMatchScheduler
 
@@ -72,18 +74,27 @@ class MovaPipeline:
         self.text_encoder: TextEncoder = modules["text_encoder"]
         self.load_seconds = 0.0
         self._conditions: OrderedDict = OrderedDict()   # (image digest, frames) -> VAE latent
+        self.streamer = None       # --offload group: the BlockStreamer
+        self.residency = None      # --offload cpu: the ComponentResidency
 
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16,
                         kernels: str = "reference", lora_path: str | None = None,
-                        lora_alpha: float | None = None, lora_scale: float = 1.0):
+                        lora_alpha: float | None = None, lora_scale: float = 1.0,
+                        offload: str = "none", offload_depth: int = 1):
+        """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
+        group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
+        mova_rt/offload.py. With offload the weights are first loaded into host memory."""
         t0 = time.perf_counter()
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MovaInputError(f"--dtype {dtype} is not supported: use bf16 or fp32")
             dtype = DTYPES[dtype]
         device = torch.device(device)
+        if offload not in OFFLOAD_MODES:
+            raise MovaInputError(f"--offload {offload} is not a mode: use {', '.join(OFFLOAD_MODES)}")
+        compute_device, device = device, (torch.device("cpu") if offload != "none" else device)
         cfg = load_config(path)
         ops = resolve(kernels)
         with torch.device("meta"):
@@ -108,7 +119,11 @@ class MovaPipeline:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
                                                  "dual_tower_bridge")},
                        lora_path, alpha=lora_alpha, scale=lora_scale)
-        pipe = cls(cfg, modules, device, dtype)
+        pipe = cls(cfg, modules, compute_device, dtype)
+        if offload == "group":
+            pipe.streamer = apply_group(pipe, compute_device, offload_depth)
+        elif offload == "cpu":
+            pipe.residency = apply_component(pipe, compute_device)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -203,10 +218,15 @@ class MovaPipeline:
         timings["vae_encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        res = self.residency
+        if res:
+            res.load(self.text_encoder.model)
         pos = self.text_encoder.encode([prompt], dev, self.dtype)
         guidance = Guidance(cfg_scale, bridge_cfg_scale, batch=cfg_batch is not False)
         uses_neg = any(name == "neg" for name, _ in guidance.passes())
         neg = self.text_encoder.encode([negative_prompt], dev, self.dtype) if uses_neg else None
+        if res:
+            res.evict(self.text_encoder.model)
         sync()
         timings["text"] = time.perf_counter() - t0
 
@@ -220,9 +240,14 @@ class MovaPipeline:
         step = GuidedStep(self._forward, sched, guidance, fps, self.audio_dit, self.bridge,
                           step_cache)
         dit = self.video_dit
+        if res:
+            res.load(dit)
         t0 = time.perf_counter()
         for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
             if i == switch_at:
+                if res:
+                    res.evict(dit, forget=remove_video_dit)
+                    res.load(self.video_dit_2)
                 dit = self.video_dit_2
                 if remove_video_dit:
                     self.video_dit = None
@@ -239,6 +264,8 @@ class MovaPipeline:
                 gc.collect()
                 torch.cuda.empty_cache()
                 latents, audio = step(dit, i, latents, audio, condition, pos, neg)
+        if res:
+            res.evict(dit)
         forwards = step.forwards_per_step * len(step.timesteps)
         reused = 0
         if step_cache.enabled:

@@ -287,3 +287,14 @@ sys.exit(main(['bench', '--preset', 'tiny', '--device', 'cpu', '--warmup', '0', 
     assert data["stages"]["vae_decode"]["status"] == "skipped"
     assert data["stages"]["text"]["status"] == "ok"
     assert "chart skipped: matplotlib is not installed" in r.stdout
+
+
+def test_runtime_feature_configs_side_by_side(tmp_path):
+    js = tmp_path / "f.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs",
+                 "reference,cfg-batch,cache,offload-group", "--warmup", "1", "--steps", "2",
+                 "--json", str(js), "--no-progress"]) == 0
+    rows = json.loads(js.read_text())["configs"]
+    assert [r["name"] for r in rows] == ["reference", "cfg-batch", "cache", "offload-group"]
+    assert all(r["status"] == "ok" and len(r["step_s"]["samples"]) == 2 for r in rows)
+    assert [r["forwards_per_step"] for r in rows] == [2, 2, 2, 2]

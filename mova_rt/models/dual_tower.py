@@ -76,29 +76,35 @@ def dual_tower_forward(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge,
     shared = min(len(video_dit.blocks), len(audio_dit.blocks))
     k = bridge_from
 
-    def layer(i, vx, ax):
-        """[bridge before block i] -> video block i -> audio block i (video only past shared)."""
-        if i < shared and i in interact and k < vx.shape[0]:
+    def layer(i, s):
+        """[bridge before block i] -> video block i -> audio block i (video only past shared).
+        s = [video, audio] is updated in place, so no stale state stays referenced."""
+        if i < shared and i in interact and k < s[0].shape[0]:
             if k == 0:
-                vx, ax = bridge(i, vx, ax, bv_rope, ba_rope)
+                s[0], s[1] = bridge(i, s[0], s[1], bv_rope, ba_rope)
             else:
-                nv, na = bridge(i, vx[k:], ax[k:], bv_rope, ba_rope)
-                vx, ax = torch.cat([vx[:k], nv]), torch.cat([ax[:k], na])
-        vx = video_dit.blocks[i](vx, kv_v[i], vt_mod, v_rope)
+                nv, na = bridge(i, s[0][k:], s[1][k:], bv_rope, ba_rope)
+                s[0], s[1] = torch.cat([s[0][:k], nv]), torch.cat([s[1][:k], na])
+                del nv, na
+        s[0] = video_dit.blocks[i](s[0], kv_v[i], vt_mod, v_rope)
         if i < shared:
-            ax = audio_dit.blocks[i](ax, kv_a[i], at_mod, a_rope)
-        return vx, ax
+            s[1] = audio_dit.blocks[i](s[1], kv_a[i], at_mod, a_rope)
 
-    v_in, a_in = vx, ax
-    vx, ax = layer(0, vx, ax)
-    reuse = cached_stack(step_cache, cache_key, v_in, a_in, vx, ax)
+    caching = step_cache is not None and step_cache.enabled
+    v_in, a_in = (vx, ax) if caching else (None, None)      # kept only to measure the change
+    state = [vx, ax]
+    del vx, ax
+    layer(0, state)
+    reuse = cached_stack(step_cache, cache_key, v_in, a_in, *state) if caching else None
+    del v_in, a_in
     if reuse is not None:                       # step caching: the stored stack residual
-        vx, ax = vx + reuse[0], ax + reuse[1]
+        state = [state[0] + reuse[0], state[1] + reuse[1]]
     else:
         for i in range(1, len(video_dit.blocks)):
-            vx, ax = layer(i, vx, ax)
-        if step_cache is not None and step_cache.enabled:
-            step_cache.store(vx, ax)
+            layer(i, state)
+        if caching:
+            step_cache.store(*state)
+    vx, ax = state
 
     video_v = video_dit.unpatchify(video_dit.head(vx, vt), grid)
     audio_v = audio_dit.unpatchify(audio_dit.head(ax, at), agrid)

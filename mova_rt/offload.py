@@ -1,0 +1,292 @@
+"""Offload: weights that live in host memory and visit the GPU when they compute.
+
+`--offload group` (layerwise streaming, the reference's name for its leaf-level group offload):
+the repeated blocks of every large tower (video and audio DiT blocks, bridge conditioners, UMT5
+encoder blocks) keep their weights in pinned host memory; everything else stays on the GPU. A
+BlockStreamer owns a ring of `depth + 1` GPU slots, each one block's worth of bytes. A dedicated
+copy stream loads the next `depth` blocks (in the order the blocks ran in the previous forward)
+while the current one computes; CUDA events order the copy into a slot after the compute that
+last read it, and the compute after the copy: no device-wide synchronisation. With batched
+guidance each weight crosses PCIe once per step.
+
+`--offload cpu` (component residency): whole components move to the GPU when used; the video
+experts take turns (the first is evicted, or freed with --remove_video_dit, at the switch).
+
+On a CPU-only machine the same code runs with host and "device" both the CPU and no copy stream
+(the copies are plain copies), so offload on equals offload off bit for bit in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+MODES = ("none", "cpu", "group")
+ALIGN = 256          # bytes: every parameter view in a slot starts on an aligned offset
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class _Slot:
+    def __init__(self, nbytes: int, device: torch.device):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.block = None                        # the module whose weights it holds
+        cuda = device.type == "cuda"
+        self.ready = torch.cuda.Event() if cuda else None    # its copy finished
+        self.free = torch.cuda.Event() if cuda else None     # its last reader finished
+
+
+class BlockStreamer:
+    """Streams the parameters of `blocks` (modules of any shapes) through GPU slots."""
+
+    def __init__(self, blocks: list, device, depth: int = 1):
+        self.device = torch.device(device)
+        self.depth = max(1, int(depth))
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.blocks = list(blocks)
+        self.layout = {}                         # block -> [(param, offset, host tensor)]
+        size = 0
+        for block in self.blocks:
+            entries, off = [], 0
+            for p in block.parameters():
+                host = p.detach().to("cpu").contiguous()
+                if self.cuda:
+                    host = host.pin_memory()
+                entries.append((p, off, host))
+                p.data = host                    # the weights now live on the host
+                off = _align(off + host.numel() * host.element_size())
+            self.layout[block] = entries
+            size = max(size, off)
+        self.slot_bytes = size
+        self.slots = [_Slot(size, self.device) for _ in range(self.depth + 1)]
+        self.order: list = []                    # blocks in the order the last forward ran them
+        self._index: dict = {}
+        self._recording: list = []
+        self._seen: set = set()
+        self._next = 0                           # ring position of the next slot to fill
+        self.loads = 0                           # block loads (tests and the run summary)
+        self.handles = []
+        for block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(self._before))
+            self.handles.append(block.register_forward_hook(self._after))
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(h.numel() * h.element_size() for e in self.layout.values() for _, _, h in e)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slot_bytes * len(self.slots)
+
+    # -- loading -------------------------------------------------------------------------------
+    def _slot_of(self, block):
+        return next((s for s in self.slots if s.block is block), None)
+
+    def _load(self, block, protect=()) -> _Slot:
+        """Copy `block` into the next slot of the ring whose block is not in `protect` (the one
+        computing and those about to), on the copy stream."""
+        n = len(self.slots)
+        for k in range(n):
+            j = (self._next + k) % n
+            if self.slots[j].block not in protect:
+                break
+        slot = self.slots[j]
+        self._next = (j + 1) % n
+        slot.block = block
+        self.loads += 1
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(slot.free)   # its previous reader is done
+                self._copy(block, slot)
+                slot.ready.record(self.copy_stream)
+        else:
+            self._copy(block, slot)
+        return slot
+
+    def _copy(self, block, slot):
+        for p, off, host in self.layout[block]:
+            n = host.numel() * host.element_size()
+            view = slot.buffer[off:off + n].view(host.dtype).view(host.shape)
+            view.copy_(host, non_blocking=self.cuda)
+
+    def _bind(self, block, slot):
+        for p, off, host in self.layout[block]:
+            n = host.numel() * host.element_size()
+            p.data = slot.buffer[off:off + n].view(host.dtype).view(host.shape)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _before(self, block, args):
+        # A block seen again starts a new forward: the previous one's order drives prefetching.
+        if block in self._seen:
+            self.order, self._recording = self._recording, []
+            self._index = {b: k for k, b in enumerate(self.order)}
+            self._seen = set()
+        self._recording.append(block)
+        self._seen.add(block)
+        # What ran after this block last time, up to `depth` ahead: prefetched now.
+        k = self._index.get(block)
+        ahead = self.order[k + 1:k + 1 + self.depth] if k is not None else []
+        slot = self._slot_of(block) or self._load(block, protect=set(ahead))
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        self._bind(block, slot)
+        for nxt in ahead:
+            if self._slot_of(nxt) is None:
+                self._load(nxt, protect={block, *ahead})
+
+    def _after(self, block, args, out):
+        slot = self._slot_of(block)
+        if self.cuda and slot is not None:
+            slot.free.record(torch.cuda.current_stream(self.device))
+        for p, _, host in self.layout[block]:
+            p.data = host                        # never read a slot after it may be refilled
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def streamed_blocks(pipe) -> list:
+    """The repeated blocks that stream under --offload group, per component."""
+    blocks = []
+    for dit in (pipe.video_dit, pipe.video_dit_2, pipe.audio_dit):
+        if dit is not None:
+            blocks += list(dit.blocks)
+    bridge = pipe.bridge
+    blocks += list(bridge.audio_to_video_conditioners.values())
+    blocks += list(bridge.video_to_audio_conditioners.values())
+    blocks += list(pipe.text_encoder.model.encoder.block)        # UMT5-XXL: 24 blocks
+    return blocks
+
+
+def apply_group(pipe, device, depth: int = 1) -> BlockStreamer:
+    """Layerwise streaming: blocks through the streamer, everything else resident on `device`."""
+    device = torch.device(device)
+    blocks = streamed_blocks(pipe)
+    streamer = BlockStreamer(blocks, device, depth)
+    streamed = {id(p) for b in blocks for p in b.parameters()}
+    for module in (pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge,
+                   pipe.text_encoder.model, pipe.video_vae, pipe.audio_vae):
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in streamed:
+                p.data = p.data.to(device)
+        for b in module.buffers():
+            b.data = b.data.to(device)
+    return streamer
+
+
+def weight_bytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class ComponentResidency:
+    """--offload cpu: a component's weights stay in (pinned) host memory and move to the GPU as a
+    whole while it is used; evicting is free (the host copy is kept, nothing is copied back)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.host: dict = {}                     # module -> [(param, host tensor)]
+
+    def register(self, module: nn.Module):
+        entries = []
+        for p in module.parameters():
+            host = p.detach().to("cpu").contiguous()
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            p.data = host
+            entries.append((p, host))
+        self.host[module] = entries
+
+    def load(self, module: nn.Module):
+        for p, host in self.host.get(module, ()):
+            p.data = host.to(self.device, non_blocking=True)
+
+    def evict(self, module: nn.Module, forget: bool = False):
+        for p, host in self.host.get(module, ()):
+            p.data = host
+        if forget:                               # --remove_video_dit: drop the host copy too
+            self.host.pop(module, None)
+
+
+def apply_component(pipe, device) -> ComponentResidency:
+    """The video experts and the text encoder visit the GPU in turn; the audio DiT, the bridge
+    and the VAEs stay on it."""
+    res = ComponentResidency(device)
+    for module in (pipe.video_dit, pipe.video_dit_2, pipe.text_encoder.model):
+        res.register(module)
+    for module in (pipe.audio_dit, pipe.bridge, pipe.video_vae, pipe.audio_vae):
+        module.to(device)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a plan for a VRAM budget
+# ---------------------------------------------------------------------------------------------
+GIB = 1024 ** 3
+CONTEXT_GIB = 0.6            # CUDA context + cuBLAS workspaces + allocator slack (measured order)
+
+
+def plan_estimates(weights: dict, activation_gib: float, batch: int) -> dict:
+    """GiB each plan needs. weights: component -> bytes (video_dit, video_dit_2, audio_dit,
+    dual_tower_bridge, text_encoder, video_vae, audio_vae, plus the streamed share of each in
+    `<name>_blocks` and the largest block in `max_block`); activation_gib: one forward at batch 1
+    (the meta-device plan's estimate), scaled by the guidance batch."""
+    act = activation_gib * batch + CONTEXT_GIB
+    vaes = weights["video_vae"] + weights["audio_vae"]
+    every = sum(weights[k] for k in ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge",
+                                     "text_encoder")) + vaes
+    active = weights["video_dit"] + weights["audio_dit"] + weights["dual_tower_bridge"]
+    component = max(active, weights["text_encoder"]) + vaes
+    resident = every - sum(weights[k] for k in weights if k.endswith("_blocks"))
+    group = resident + 2 * weights["max_block"]
+    return {"none": every / GIB + act, "cpu": component / GIB + act, "group": group / GIB + act}
+
+
+def choose_plan(estimates: dict, budget_gib: float) -> str | None:
+    """The least offload that fits the budget, or None."""
+    for mode in ("none", "cpu", "group"):
+        if estimates[mode] <= budget_gib:
+            return mode
+    return None
+
+
+def component_weights(cfg) -> dict:
+    """Bytes of every component's weights at run time (bf16, the DAC in fp32), built on the meta
+    device, with the streamed (block) share of each and the largest block."""
+    from .models.audio_dit import AudioDiT
+    from .models.audio_vae import DacVAE
+    from .models.bridge import Bridge
+    from .models.text_encoder import build_umt5_encoder
+    from .models.video_dit import VideoDiT
+    from .ops import resolve
+
+    ops = resolve("reference")
+    with torch.device("meta"):
+        video, audio, bridge = VideoDiT(cfg.video_dit, ops), AudioDiT(cfg.audio_dit, ops), \
+            Bridge(cfg.bridge, ops)
+        dac = DacVAE(cfg.audio_vae)
+    text = build_umt5_encoder(cfg.text_encoder)
+
+    def params(m, nbytes=2):
+        return sum(p.numel() for p in m.parameters()) * nbytes
+
+    blocks = {"video_dit": list(video.blocks), "audio_dit": list(audio.blocks),
+              "dual_tower_bridge": list(bridge.audio_to_video_conditioners.values())
+              + list(bridge.video_to_audio_conditioners.values()),
+              "text_encoder": list(text.encoder.block)}
+    out = {"video_dit": params(video), "video_dit_2": params(video), "audio_dit": params(audio),
+           "dual_tower_bridge": params(bridge), "text_encoder": params(text),
+           "video_vae": 130_000_000 * 2,       # Wan2.1 VAE, about 127 M parameters (spec 1.6)
+           "audio_vae": params(dac, 4)}
+    for name, bl in blocks.items():
+        out[f"{name}_blocks"] = sum(params(b) for b in bl)
+    out["video_dit_2_blocks"] = out["video_dit_blocks"]
+    out["max_block"] = max(params(b) for bl in blocks.values() for b in bl)
+    return out

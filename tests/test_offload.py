@@ -1,0 +1,81 @@
+"""Offload: layerwise streaming and component residency equal the all-resident run bit for bit
+(on the CPU the copy stream is a plain copy), prefetching follows the execution order, and the
+VRAM-budget plan picks the least offload that fits."""
+import pytest
+import torch
+
+from mova_rt.config import preset_config
+from mova_rt.offload import (BlockStreamer, choose_plan, component_weights, plan_estimates)
+from mova_rt.pipeline import MovaPipeline
+
+KW = dict(height=64, width=96, num_frames=17, progress=False, num_inference_steps=5, seed=4)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_ckpt):
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    return {b: pipe("a train passes", cfg_batch=b, **KW) for b in (False, True)}
+
+
+@pytest.mark.parametrize("mode, depth", [("group", 1), ("group", 3), ("cpu", 1)])
+@pytest.mark.parametrize("batch", [False, True])
+def test_offload_equals_all_resident(tiny_ckpt, exact, mode, depth, batch):
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", offload=mode, offload_depth=depth)
+    out = pipe("a train passes", cfg_batch=batch, **KW)
+    assert torch.equal(out.video_latents, exact[batch].video_latents)
+    assert torch.equal(out.audio_latents, exact[batch].audio_latents)
+    assert (out.frames == exact[batch].frames).all()
+
+
+def test_batched_guidance_loads_each_block_once_per_step(tiny_ckpt):
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", offload="group")
+    s = pipe.streamer
+    cfg = pipe.cfg
+    per_forward = (cfg.video_dit.num_layers + cfg.audio_dit.num_layers
+                   + 2 * len(cfg.bridge.interaction_layers()))
+    text_blocks = len(pipe.text_encoder.model.encoder.block)
+    # Beyond one load per block per forward: at most each text block twice (two prompts) and
+    # the prefetches that follow the other expert's order once, at the switch and at the start
+    # of the next request.
+    slack = 2 * text_blocks + 2 * cfg.video_dit.num_layers
+    pipe("x", cfg_batch=True, **KW)
+    assert 5 * per_forward <= s.loads <= 5 * per_forward + slack       # 5 steps, 1 forward each
+    s.loads = 0
+    pipe("x", cfg_batch=False, **KW)
+    assert 10 * per_forward <= s.loads <= 10 * per_forward + slack     # two passes per step
+    # Device memory: the slots only (depth + 1 blocks), not the streamed weights.
+    assert s.device_bytes == 2 * s.slot_bytes < s.host_bytes
+
+
+def test_streamer_prefetches_in_the_order_blocks_ran():
+    blocks = [torch.nn.Linear(4, 4) for _ in range(5)]
+    s = BlockStreamer(blocks, "cpu", depth=2)
+    x = torch.randn(2, 4)
+    order = [3, 1, 4, 0, 2]
+    want = x
+    for i in order:
+        want = blocks[i](want)
+    for _ in range(2):                                        # the 2nd run prefetches
+        y = x
+        for i in order:
+            y = blocks[i](y)
+    assert torch.equal(y, want)
+    assert s.order == [blocks[i] for i in order]
+    # After block 3 runs, the next two in the recorded order (1, 4) are in slots.
+    s.loads = 0
+    blocks[3](x)
+    held = {slot.block for slot in s.slots}
+    assert blocks[1] in held and blocks[4] in held and s.loads == 2
+    assert all(p.device.type == "cpu" for b in blocks for p in b.parameters())
+
+
+def test_budget_picks_the_least_offload_that_fits():
+    est = plan_estimates(component_weights(preset_config("mova-360p")), activation_gib=7.0,
+                         batch=1)
+    # All-resident > one expert + audio + bridge > streamed blocks.
+    assert est["none"] > est["cpu"] > est["group"]
+    assert est["none"] > 70 and 40 < est["cpu"] < 50 and est["group"] < 20
+    assert choose_plan(est, 141) == "none"
+    assert choose_plan(est, 80) == "cpu"
+    assert choose_plan(est, 24) == "group"
+    assert choose_plan(est, 4) is None
