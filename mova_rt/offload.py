@@ -188,11 +188,16 @@ def weight_bytes(module: nn.Module | None) -> int:
 
 class ComponentResidency:
     """--offload cpu: a component's weights stay in (pinned) host memory and move to the GPU as a
-    whole while it is used; evicting is free (the host copy is kept, nothing is copied back)."""
+    whole while it is used; evicting is free (the host copy is kept, nothing is copied back).
+    prefetch() starts a component's copy on a side stream (the second expert, during the last
+    high-noise steps) so that load() at the switch only waits for what is left of it."""
 
-    def __init__(self, device):
+    def __init__(self, device, prefetch_steps: int = 2):
         self.device = torch.device(device)
+        self.prefetch_steps = prefetch_steps
         self.host: dict = {}                     # module -> [(param, host tensor)]
+        self.pending: dict = {}                  # module -> (device tensors, ready event)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def register(self, module: nn.Module):
         entries = []
@@ -204,7 +209,30 @@ class ComponentResidency:
             entries.append((p, host))
         self.host[module] = entries
 
+    def prefetch(self, module: nn.Module):
+        if module in self.pending or module not in self.host:
+            return
+        ready = None
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                tensors = [h.to(self.device, non_blocking=True) for _, h in self.host[module]]
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+        else:
+            tensors = [h.to(self.device) for _, h in self.host[module]]
+        self.pending[module] = (tensors, ready)
+
     def load(self, module: nn.Module):
+        if module in self.pending:
+            tensors, ready = self.pending.pop(module)
+            if ready is not None:
+                cur = torch.cuda.current_stream(self.device)
+                cur.wait_event(ready)
+                for t in tensors:        # allocated on the copy stream, now used on this one
+                    t.record_stream(cur)
+            for (p, _), t in zip(self.host[module], tensors):
+                p.data = t
+            return
         for p, host in self.host.get(module, ()):
             p.data = host.to(self.device, non_blocking=True)
 
@@ -243,7 +271,8 @@ def plan_estimates(weights: dict, activation_gib: float, batch: int) -> dict:
     every = sum(weights[k] for k in ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge",
                                      "text_encoder")) + vaes
     active = weights["video_dit"] + weights["audio_dit"] + weights["dual_tower_bridge"]
-    component = max(active, weights["text_encoder"]) + vaes
+    # --offload cpu prefetches the second expert during the last high-noise steps: both on the GPU.
+    component = max(active + weights["video_dit_2"], weights["text_encoder"]) + vaes
     resident = every - sum(weights[k] for k in weights if k.endswith("_blocks"))
     group = resident + 2 * weights["max_block"]
     return {"none": every / GIB + act, "cpu": component / GIB + act, "group": group / GIB + act}

@@ -244,6 +244,8 @@ class MovaPipeline:
             res.load(dit)
         t0 = time.perf_counter()
         for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
+            if res and i == max(0, switch_at - res.prefetch_steps):
+                res.prefetch(self.video_dit_2)      # overlaps the last high-noise steps
             if i == switch_at:
                 if res:
                     res.evict(dit, forget=remove_video_dit)
