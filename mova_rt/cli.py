@@ -182,7 +182,9 @@ def cmd_generate(args) -> int:
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":
             raise
-        raise MovaInputError(_oom_advice(args, ckpt, device, offload)) from None
+        import torch
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
+        raise MovaInputError(_oom_advice(args, ckpt, total, offload)) from None
     t0 = time.perf_counter()
     write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
     out.timings["mux"] = time.perf_counter() - t0
@@ -214,11 +216,9 @@ def _estimates(args, ckpt) -> dict:
     return plan_estimates(component_weights(cfg), act, batch)
 
 
-def _oom_advice(args, ckpt, device, offload) -> str:
-    """One line for an out-of-memory: what each plan needs and the budget flag that picks one."""
-    import torch
-
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
+def _oom_advice(args, ckpt, total: float, offload) -> str:
+    """One line for an out-of-memory on a `total` GiB GPU: what each plan needs for this clip and
+    the budget flag that picks one that fits."""
     est = _estimates(args, ckpt)
     fits = [m for m in ("none", "cpu", "group") if est[m] <= total]
     advice = (f"pass --vram-budget {total:.0f} to pick --offload {fits[0]}" if fits

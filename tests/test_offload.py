@@ -80,3 +80,18 @@ def test_budget_picks_the_least_offload_that_fits():
     assert choose_plan(est, 48) == "group"
     assert choose_plan(est, 24) == "group"
     assert choose_plan(est, 4) is None
+
+
+def test_out_of_memory_advice_names_a_budget_that_fits(tiny_ckpt):
+    from types import SimpleNamespace
+
+    from mova_rt.cli import _estimates, _oom_advice
+    args = SimpleNamespace(height=64, width=96, num_frames=17, fps=24.0, cfg_scale=5.0,
+                           bridge_cfg_scale=1.0, cfg_batch=None, kernels="reference")
+    est = _estimates(args, tiny_ckpt)
+    assert est["none"] > est["cpu"] > est["group"] > 0
+    line = _oom_advice(args, tiny_ckpt, total=80.0, offload="none")
+    assert line.startswith("out of GPU memory with --offload none on this 80 GiB GPU")
+    assert "pass --vram-budget 80 to pick --offload none" in line and "\n" not in line
+    line = _oom_advice(args, tiny_ckpt, total=0.6005, offload="group")
+    assert "make the clip smaller" in line
