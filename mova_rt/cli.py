@@ -66,6 +66,9 @@ def _generate_parser(sub):
     p.add_argument("--vram-budget", dest="vram_budget", type=float, default=None, metavar="GB",
                    help="GPU memory to stay within (GiB): picks the least offload that fits and "
                         "caps the process there")
+    p.add_argument("--stream_from_disk", action="store_true",
+                   help="--offload group: read the streamed blocks from the checkpoint files at "
+                        "each use instead of holding them in host RAM")
     p.add_argument("--offload_to_disk_path", default=None)
     p.add_argument("--remove_video_dit", action="store_true",
                    help="free the high-noise expert at the expert switch")
@@ -100,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _unsupported(args):
     """Accepted flags whose features are not built yet fail loudly instead of being ignored."""
     if args.offload_to_disk_path:
-        raise MovaInputError("--offload_to_disk_path is not implemented yet in mova-rt: weights "
-                             "stream from host memory; leave the flag out")
+        raise MovaInputError("--offload_to_disk_path is not needed by mova-rt: with --offload "
+                             "group --stream_from_disk the blocks stream straight from the "
+                             "checkpoint files; leave the flag out")
     if args.offload_depth < 1:
         raise MovaInputError("--offload_depth must be at least 1")
     if args.cp_size != 1:
@@ -171,7 +175,7 @@ def cmd_generate(args) -> int:
         pipe = MovaPipeline.from_pretrained(
             ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
             lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
-            offload_depth=args.offload_depth)
+            offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk)
         out = pipe(args.prompt, image, height=args.height, width=args.width,
                    negative_prompt=args.negative_prompt,
                    num_frames=args.num_frames, fps=args.fps, seed=args.seed,

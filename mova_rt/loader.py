@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -132,10 +134,42 @@ def _read_all(where: dict[str, str], component: str, convert=lambda t: t) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in a safetensors file (for streaming them from disk)."""
+    path: str
+    offset: int          # from the start of the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+
+
+def tensor_locations(ckpt: str, component: str) -> dict:
+    """key -> TensorLocation of every tensor of the component, from the safetensors headers
+    (8-byte little-endian header length, JSON header, then the data)."""
+    out = {}
+    renames = KEY_RENAMES.get(component, {})
+    for path, keys in _by_file(weight_files(ckpt, component)).items():
+        try:
+            with open(path, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise MovaInputError(f"{path} cannot be read ({_short(e)}): the {component} weights "
+                                 "are truncated or corrupt; download them again") from None
+        for k in keys:
+            h = header[k]
+            begin, end = h["data_offsets"]
+            out[renames.get(k, k)] = TensorLocation(path, 8 + n + begin, end - begin,
+                                                    _ST_DTYPES.get(h["dtype"]), tuple(h["shape"]))
+    return out
+
+
 def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
                device: torch.device | str, expected: set[str] | None = None,
                transform: Callable[[dict], dict] | None = None,
-               finalize: Callable[[nn.Module], None] | None = None) -> nn.Module:
+               finalize: Callable[[nn.Module], None] | None = None,
+               defer: Callable[[str], bool] | None = None) -> nn.Module:
     """Fills `module` (built on the meta device) with the component's checkpoint tensors, cast to
     `dtype` on `device`, one tensor at a time (host memory holds at most one tensor).
 
@@ -143,6 +177,8 @@ def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
     transform: applied to the whole raw tensor dict before the checks (small components only,
       e.g. folding the DAC's weight norm).
     finalize: called after assignment, e.g. to re-tie shared embeddings.
+    defer: keys for which it is true are checked but not read: they stay on the meta device
+      (streamed from disk later, see mova_rt.offload).
     """
     files = weight_files(ckpt, component)
     folder = os.path.join(ckpt, component)
@@ -180,19 +216,21 @@ def load_state(module: nn.Module, ckpt: str, component: str, dtype: torch.dtype,
             raise MovaInputError(f"{component}: tensor {k} in {where[k][0]} has dtype {dt}, "
                                  "expected bf16/fp16/fp32; the file is not a MOVA weight file")
 
+    deferred = {k for k in want if defer is not None and defer(k)}
+    read = want - deferred
     if loaded is not None:
-        state = {k: loaded[k].to(device=device, dtype=dtype) for k in want}
+        state = {k: loaded[k].to(device=device, dtype=dtype) for k in read}
     else:
         # Read under the checkpoint's own names, cast on the way, store under ours.
-        by_name = _read_all({where[k][1]: where[k][0] for k in want}, component,
+        by_name = _read_all({where[k][1]: where[k][0] for k in read}, component,
                             lambda t: t.to(device=device, dtype=dtype))
-        state = {k: by_name[where[k][1]] for k in want}
+        state = {k: by_name[where[k][1]] for k in read}
     module.load_state_dict(state, strict=False, assign=True)
     del state
     if finalize is not None:
         finalize(module)
     leftover = [n for n, p in list(module.named_parameters()) + list(module.named_buffers())
-                if p.is_meta]
+                if p.is_meta and n not in deferred]
     if leftover:
         raise MovaInputError(f"{component}: tensors {_first(leftover)} were not filled by the "
                              "checkpoint; this build of mova-rt does not match the checkpoint "

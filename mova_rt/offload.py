@@ -18,8 +18,14 @@ On a CPU-only machine the same code runs with host and "device" both the CPU and
 
 from __future__ import annotations
 
+import math
+import os
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
+
+from .errors import MovaInputError
 
 MODES = ("none", "cpu", "group")
 ALIGN = 256          # bytes: every parameter view in a slot starts on an aligned offset
@@ -30,38 +36,70 @@ def _align(n: int) -> int:
 
 
 class _Slot:
-    def __init__(self, nbytes: int, device: torch.device):
+    def __init__(self, nbytes: int, device: torch.device, staging: bool):
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.block = None                        # the module whose weights it holds
         cuda = device.type == "cuda"
         self.ready = torch.cuda.Event() if cuda else None    # its copy finished
         self.free = torch.cuda.Event() if cuda else None     # its last reader finished
+        # Blocks read from disk land in a pinned staging buffer first (one per slot: the pool
+        # is bounded by the ring), then cross PCIe in one copy.
+        self.staging = (torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+                        if cuda and staging else None)
+        self.staged = torch.cuda.Event() if self.staging is not None else None
+        self.future = None                       # the disk read in flight (GPU only)
 
 
 class BlockStreamer:
-    """Streams the parameters of `blocks` (modules of any shapes) through GPU slots."""
+    """Streams the parameters of `blocks` (modules of any shapes) through GPU slots, from pinned
+    host copies or, for parameters listed in `disk` (param -> loader.TensorLocation, params
+    left on the meta device by the loader), from the checkpoint files: read with pread into a
+    pinned staging buffer by a worker thread, so host RAM holds no streamed weight (the OS page
+    cache, which is not the process's memory, serves repeated reads)."""
 
-    def __init__(self, blocks: list, device, depth: int = 1):
+    def __init__(self, blocks: list, device, depth: int = 1, disk: dict | None = None):
         self.device = torch.device(device)
         self.depth = max(1, int(depth))
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.blocks = list(blocks)
-        self.layout = {}                         # block -> [(param, offset, host tensor)]
+        disk = disk or {}
+        self.disk_blocks: set = set()
+        self.layout = {}                         # block -> [(param, offset, host tensor | location)]
         size = 0
         for block in self.blocks:
             entries, off = [], 0
-            for p in block.parameters():
-                host = p.detach().to("cpu").contiguous()
-                if self.cuda:
-                    host = host.pin_memory()
-                entries.append((p, off, host))
-                p.data = host                    # the weights now live on the host
-                off = _align(off + host.numel() * host.element_size())
+            for mod in block.modules():
+                for pname, p in list(mod._parameters.items()):
+                    if p is None:
+                        continue
+                    if p in disk:
+                        # The loader left it on meta; a meta Parameter cannot take real data,
+                        # so an empty host Parameter takes its place until the slot binds it.
+                        src, nbytes = disk[p], disk[p].nbytes
+                        dtype, shape = src.dtype, tuple(src.shape)     # as stored (checked)
+                        self.disk_blocks.add(block)
+                        q = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+                        mod._parameters[pname] = q
+                    else:
+                        q, src = p, p.detach().to("cpu").contiguous()
+                        if self.cuda:
+                            src = src.pin_memory()
+                        nbytes = src.numel() * src.element_size()
+                        dtype, shape = src.dtype, tuple(src.shape)
+                        q.data = src             # the weights now live on the host
+                    entries.append((q, off, src, dtype, shape))
+                    off = _align(off + nbytes)
             self.layout[block] = entries
             size = max(size, off)
         self.slot_bytes = size
-        self.slots = [_Slot(size, self.device) for _ in range(self.depth + 1)]
+        self.slots = [_Slot(size, self.device, staging=bool(self.disk_blocks))
+                      for _ in range(self.depth + 1)]
+        self._fds: dict = {}
+        self._reader = None
+        if self.cuda and self.disk_blocks:
+            from concurrent.futures import ThreadPoolExecutor
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mova-rt-disk")
         self.order: list = []                    # blocks in the order the last forward ran them
         self._index: dict = {}
         self._recording: list = []
@@ -72,10 +110,12 @@ class BlockStreamer:
         for block in self.blocks:
             self.handles.append(block.register_forward_pre_hook(self._before))
             self.handles.append(block.register_forward_hook(self._after))
+            block._mova_streamer = self          # for materialized(): calls outside forward
 
     @property
     def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for e in self.layout.values() for _, _, h in e)
+        return sum(h.numel() * h.element_size() for e in self.layout.values()
+                   for _, _, h, _, _ in e if isinstance(h, torch.Tensor))
 
     @property
     def device_bytes(self) -> int:
@@ -97,6 +137,12 @@ class BlockStreamer:
         self._next = (j + 1) % n
         slot.block = block
         self.loads += 1
+        if block in self.disk_blocks:
+            if self._reader is not None:         # GPU: read and copy off the compute thread
+                slot.future = self._reader.submit(self._disk_to_slot, block, slot)
+            else:
+                self._read(block, slot.buffer)
+            return slot
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(slot.free)   # its previous reader is done
@@ -106,16 +152,42 @@ class BlockStreamer:
             self._copy(block, slot)
         return slot
 
+    def _read(self, block, buffer: torch.Tensor):
+        """pread the block's tensors from the checkpoint files into `buffer` (host, uint8)."""
+        raw = buffer.numpy()
+        for p, off, loc, _, _ in self.layout[block]:
+            fd = self._fds.get(loc.path)
+            if fd is None:
+                fd = self._fds[loc.path] = os.open(loc.path, os.O_RDONLY)
+            got = 0
+            while got < loc.nbytes:
+                n = os.preadv(fd, [raw[off + got:off + loc.nbytes]], loc.offset + got)
+                if n <= 0:
+                    raise MovaInputError(f"{loc.path} ended early while streaming a block: the "
+                                         "checkpoint file is truncated; download it again")
+                got += n
+
+    def _disk_to_slot(self, block, slot):
+        """Worker thread: disk -> pinned staging -> (copy stream) slot, ordered by events."""
+        if slot.staged is not None:
+            slot.staged.synchronize()            # the staging buffer's previous copy is done
+        self._read(block, slot.staging)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(slot.free)
+            slot.buffer.copy_(slot.staging, non_blocking=True)
+            slot.ready.record(self.copy_stream)
+            slot.staged.record(self.copy_stream)
+
     def _copy(self, block, slot):
-        for p, off, host in self.layout[block]:
+        for p, off, host, _, _ in self.layout[block]:
             n = host.numel() * host.element_size()
             view = slot.buffer[off:off + n].view(host.dtype).view(host.shape)
             view.copy_(host, non_blocking=self.cuda)
 
     def _bind(self, block, slot):
-        for p, off, host in self.layout[block]:
-            n = host.numel() * host.element_size()
-            p.data = slot.buffer[off:off + n].view(host.dtype).view(host.shape)
+        for p, off, _, dtype, shape in self.layout[block]:
+            n = math.prod(shape) * dtype.itemsize
+            p.data = slot.buffer[off:off + n].view(dtype).view(shape)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _before(self, block, args):
@@ -130,6 +202,9 @@ class BlockStreamer:
         k = self._index.get(block)
         ahead = self.order[k + 1:k + 1 + self.depth] if k is not None else []
         slot = self._slot_of(block) or self._load(block, protect=set(ahead))
+        if slot.future is not None:
+            slot.future.result()                 # the read was queued; its copy is on the stream
+            slot.future = None
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         self._bind(block, slot)
@@ -141,12 +216,43 @@ class BlockStreamer:
         slot = self._slot_of(block)
         if self.cuda and slot is not None:
             slot.free.record(torch.cuda.current_stream(self.device))
-        for p, _, host in self.layout[block]:
-            p.data = host                        # never read a slot after it may be refilled
+        for p, _, src, dtype, _ in self.layout[block]:
+            # Never read a slot after it may be refilled: back to the host copy (or empty).
+            p.data = src if isinstance(src, torch.Tensor) else torch.empty(0, dtype=dtype)
+
+    def bind(self, block):
+        """Load and bind one block outside its forward (no prefetch, order not recorded)."""
+        slot = self._slot_of(block) or self._load(block, protect=set())
+        if slot.future is not None:
+            slot.future.result()
+            slot.future = None
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        self._bind(block, slot)
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        if self._reader is not None:
+            self._reader.shutdown()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+@contextmanager
+def materialized(block: nn.Module):
+    """The block's weights usable inside the context even when it streams (a call that is not
+    its forward, e.g. the text K/V computed once per request); a no-op otherwise."""
+    streamer = getattr(block, "_mova_streamer", None)
+    if streamer is None:
+        yield block
+        return
+    streamer.bind(block)
+    try:
+        yield block
+    finally:
+        streamer._after(block, (), None)
 
 
 def streamed_blocks(pipe) -> list:
@@ -162,11 +268,44 @@ def streamed_blocks(pipe) -> list:
     return blocks
 
 
-def apply_group(pipe, device, depth: int = 1) -> BlockStreamer:
-    """Layerwise streaming: blocks through the streamer, everything else resident on `device`."""
+# Checkpoint key prefixes of the streamed blocks, per component (spec 2.3).
+BLOCK_PREFIXES = {"video_dit": ("blocks.",), "video_dit_2": ("blocks.",), "audio_dit": ("blocks.",),
+                  "dual_tower_bridge": ("audio_to_video_conditioners.",
+                                        "video_to_audio_conditioners."),
+                  "text_encoder": ("encoder.block.",)}
+
+
+def is_block_key(component: str, key: str) -> bool:
+    return key.startswith(BLOCK_PREFIXES.get(component, ()))
+
+
+def disk_sources(pipe, ckpt: str, dtype: torch.dtype) -> dict:
+    """param -> TensorLocation for every streamed block parameter the loader left on meta."""
+    from .loader import tensor_locations
+    modules = {"video_dit": pipe.video_dit, "video_dit_2": pipe.video_dit_2,
+               "audio_dit": pipe.audio_dit, "dual_tower_bridge": pipe.bridge,
+               "text_encoder": pipe.text_encoder.model}
+    out = {}
+    for name, module in modules.items():
+        locs = tensor_locations(ckpt, name)
+        for key, p in module.named_parameters():
+            if not is_block_key(name, key):
+                continue
+            loc = locs[key]
+            if loc.dtype != dtype:
+                raise MovaInputError(f"--stream_from_disk reads weights as stored: {name}/{key} "
+                                     f"is {loc.dtype} on disk but the run is {dtype}; use "
+                                     "--dtype bf16 (as MOVA stores them) or drop the flag")
+            out[p] = loc
+    return out
+
+
+def apply_group(pipe, device, depth: int = 1, disk: dict | None = None) -> BlockStreamer:
+    """Layerwise streaming: blocks through the streamer (from host copies, or from disk for the
+    parameters in `disk`), everything else resident on `device`."""
     device = torch.device(device)
     blocks = streamed_blocks(pipe)
-    streamer = BlockStreamer(blocks, device, depth)
+    streamer = BlockStreamer(blocks, device, depth, disk)
     streamed = {id(p) for b in blocks for p in b.parameters()}
     for module in (pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge,
                    pipe.text_encoder.model, pipe.video_vae, pipe.audio_vae):

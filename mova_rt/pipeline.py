@@ -39,7 +39,7 @@ from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
 from .offload import MODES as OFFLOAD_MODES
-from .offload import apply_component, apply_group
+from .offload import apply_component, apply_group, disk_sources, is_block_key
 from .sampler import Guidance, GuidedStep
 from .scheduler import FlowMatchScheduler
 
@@ -82,10 +82,13 @@ class MovaPipeline:
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16,
                         kernels: str = "reference", lora_path: str | None = None,
                         lora_alpha: float | None = None, lora_scale: float = 1.0,
-                        offload: str = "none", offload_depth: int = 1):
+                        offload: str = "none", offload_depth: int = 1,
+                        stream_from_disk: bool = False):
         """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
         group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
-        mova_rt/offload.py. With offload the weights are first loaded into host memory."""
+        mova_rt/offload.py. With offload the weights are first loaded into host memory, except,
+        with stream_from_disk (group only), the streamed blocks: read from the checkpoint files
+        at each use, so host RAM stays small."""
         t0 = time.perf_counter()
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -95,6 +98,11 @@ class MovaPipeline:
         if offload not in OFFLOAD_MODES:
             raise MovaInputError(f"--offload {offload} is not a mode: use {', '.join(OFFLOAD_MODES)}")
         compute_device, device = device, (torch.device("cpu") if offload != "none" else device)
+        if stream_from_disk and offload != "group":
+            raise MovaInputError("--stream_from_disk streams blocks: it needs --offload group")
+        if stream_from_disk and lora_path:
+            raise MovaInputError("--stream_from_disk reads the weights as stored, so a LoRA cannot "
+                                 "be merged into them: drop one of the two")
         cfg = load_config(path)
         ops = resolve(kernels)
         with torch.device("meta"):
@@ -106,14 +114,18 @@ class MovaPipeline:
         modules = {}
         for name, module in towers.items():
             fold = fold_weight_norm if (name == "audio_vae" and cfg.audio_vae.use_weight_norm) else None
-            modules[name] = load_state(module, path, name, dtype, device, transform=fold)
+            defer = (lambda k, n=name: is_block_key(n, k)) if stream_from_disk else None
+            modules[name] = load_state(module, path, name, dtype, device, transform=fold,
+                                       defer=defer)
         # The reference runs the DAC in fp32 (autocast) on weights rounded to the pipeline dtype.
         modules["audio_vae"] = modules["audio_vae"].float()
         modules["video_vae"] = load_state(build_video_vae(cfg.video_vae), path, "video_vae",
                                           dtype, device)
         umt5 = build_umt5_encoder(cfg.text_encoder)
         umt5 = load_state(umt5, path, "text_encoder", dtype, device,
-                          expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings)
+                          expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings,
+                          defer=(lambda k: is_block_key("text_encoder", k)) if stream_from_disk
+                          else None)
         modules["text_encoder"] = TextEncoder(load_tokenizer(os.path.join(path, "tokenizer")), umt5)
         if lora_path:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
@@ -121,7 +133,8 @@ class MovaPipeline:
                        lora_path, alpha=lora_alpha, scale=lora_scale)
         pipe = cls(cfg, modules, compute_device, dtype)
         if offload == "group":
-            pipe.streamer = apply_group(pipe, compute_device, offload_depth)
+            disk = disk_sources(pipe, path, dtype) if stream_from_disk else None
+            pipe.streamer = apply_group(pipe, compute_device, offload_depth, disk)
         elif offload == "cpu":
             pipe.residency = apply_component(pipe, compute_device)
         pipe.load_seconds = time.perf_counter() - t0

@@ -77,7 +77,8 @@ class GuidedStep:
         self.timesteps = scheduler.timesteps.tolist()   # host floats: no device sync per step
         self._dit = None
         self._times: dict = {}
-        self._texts: dict = {}
+        self._texts: dict = {}          # per expert (dropped at the switch)
+        self._audio_texts: dict = {}    # the audio DiT is shared by both experts
         self._ropes: dict = {}
 
     @property
@@ -108,7 +109,9 @@ class GuidedStep:
             return None
         self._use(dit)
         if names not in self._texts:
-            self._texts[names] = (text_kv(dit, text), text_kv(self.audio_dit, text))
+            self._texts[names] = text_kv(dit, text)
+        if names not in self._audio_texts:
+            self._audio_texts[names] = text_kv(self.audio_dit, text)
         pf, ph, pw = dit.patch_size
         _, _, t, h, w = video_in.shape
         grid, agrid = (t // pf, h // ph, w // pw), (audio_in.shape[-1] // self.audio_dit.patch_size[0],)
@@ -117,7 +120,7 @@ class GuidedStep:
             from .models.dual_tower import ropes
             self._ropes[(grid, agrid)] = ropes(dit, self.audio_dit, self.bridge, grid, agrid,
                                                self.fps, dtype, video_in.device)
-        (vt, at), (kv_v, kv_a) = self._times[i], self._texts[names]
+        (vt, at), kv_v, kv_a = self._times[i], self._texts[names], self._audio_texts[names]
         return Prepared(video_time=vt, audio_time=at, video_text=kv_v, audio_text=kv_a,
                         ropes=self._ropes[(grid, agrid)])
 

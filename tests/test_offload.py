@@ -38,11 +38,14 @@ def test_batched_guidance_loads_each_block_once_per_step(tiny_ckpt):
     # the prefetches that follow the other expert's order once, at the switch and at the start
     # of the next request.
     slack = 2 * text_blocks + 2 * cfg.video_dit.num_layers
+    # The text K/V, computed once per request for each text set: both experts' video blocks and
+    # the audio blocks are bound once for it.
+    kv = 2 * cfg.video_dit.num_layers + cfg.audio_dit.num_layers
     pipe("x", cfg_batch=True, **KW)
-    assert 5 * per_forward <= s.loads <= 5 * per_forward + slack       # 5 steps, 1 forward each
+    assert 5 * per_forward + kv <= s.loads <= 5 * per_forward + kv + slack   # 1 forward a step
     s.loads = 0
     pipe("x", cfg_batch=False, **KW)
-    assert 10 * per_forward <= s.loads <= 10 * per_forward + slack     # two passes per step
+    assert 10 * per_forward <= s.loads <= 10 * per_forward + 2 * kv + slack  # 2 passes a step
     # Device memory: the slots only (depth + 1 blocks), not the streamed weights.
     assert s.device_bytes == 2 * s.slot_bytes < s.host_bytes
 
@@ -95,3 +98,25 @@ def test_out_of_memory_advice_names_a_budget_that_fits(tiny_ckpt):
     assert "pass --vram-budget 80 to pick --offload none" in line and "\n" not in line
     line = _oom_advice(args, tiny_ckpt, total=0.6005, offload="group")
     assert "make the clip smaller" in line
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_stream_from_disk_equals_all_resident_and_holds_no_block_in_ram(tiny_ckpt, exact, batch):
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", offload="group",
+                                        stream_from_disk=True)
+    s = pipe.streamer
+    assert s.host_bytes == 0 and len(s.disk_blocks) == len(s.blocks)
+    out = pipe("a train passes", cfg_batch=batch, **KW)
+    assert torch.equal(out.video_latents, exact[batch].video_latents)
+    assert torch.equal(out.audio_latents, exact[batch].audio_latents)
+    # Between uses a streamed parameter holds nothing.
+    assert all(p.numel() == 0 for b in s.blocks for p in b.parameters())
+
+
+def test_stream_from_disk_refusals(tiny_ckpt):
+    from mova_rt.errors import MovaInputError
+    with pytest.raises(MovaInputError, match="needs --offload group"):
+        MovaPipeline.from_pretrained(tiny_ckpt, offload="cpu", stream_from_disk=True)
+    with pytest.raises(MovaInputError, match="stored"):          # fp32 run, bf16 on disk
+        MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32", offload="group",
+                                     stream_from_disk=True)

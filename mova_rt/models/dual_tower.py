@@ -21,6 +21,7 @@ import torch
 from .audio_dit import AudioDiT
 from .bridge import Bridge
 from ..cache import cached_stack
+from ..offload import materialized
 from .video_dit import VideoDiT, time_embeddings
 
 
@@ -38,7 +39,11 @@ def text_kv(dit, text: torch.Tensor) -> list:
     """The K/V [B, 512, H, D] of every block's text cross-attention (k before its RMSNorm)."""
     dtype = dit.patch_embedding.weight.dtype
     ctx = dit.text_embedding(text.to(dtype))                                 # [B, 512, D]
-    return [block.cross_attn.kv(ctx) for block in dit.blocks]
+    out = []
+    for block in dit.blocks:
+        with materialized(block):        # a streamed block's weights, bound for this call
+            out.append(block.cross_attn.kv(ctx))
+    return out
 
 
 def ropes(video_dit: VideoDiT, audio_dit: AudioDiT, bridge: Bridge, grid: tuple, agrid: tuple,
