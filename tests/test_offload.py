@@ -120,3 +120,20 @@ def test_stream_from_disk_refusals(tiny_ckpt):
     with pytest.raises(MovaInputError, match="stored"):          # fp32 run, bf16 on disk
         MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32", offload="group",
                                      stream_from_disk=True)
+
+
+def test_streamer_is_dtype_agnostic_fp8_weights_stream_as_bytes():
+    """The fp8 path's weights (float8_e4m3fn) stream like any other: bytes in, same bytes bound."""
+    lin = torch.nn.Linear(16, 32, bias=True)
+    w8 = (torch.randn(32, 16) * 0.5).to(torch.float8_e4m3fn)
+    lin.weight = torch.nn.Parameter(w8, requires_grad=False)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    s = BlockStreamer([lin], "cpu", depth=1)
+    seen = {}
+    lin.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight.detach().clone(),
+                                                           b=m.bias.detach().clone()))
+    with pytest.raises(RuntimeError):     # an fp8 Linear cannot run eagerly; binding is the test
+        lin(torch.randn(2, 16))
+    assert seen["w"].dtype == torch.float8_e4m3fn
+    assert torch.equal(seen["w"].view(torch.uint8), ref_w.view(torch.uint8))
+    assert torch.equal(seen["b"], ref_b) and s.loads == 1
