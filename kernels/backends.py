@@ -17,47 +17,28 @@ from . import adaln
 from .attention import fused_attention
 
 BF16 = torch.bfloat16
-_self_exact = compose_self_attention(rope_interleaved_f32, attention_sdpa)
-_cross_exact = compose_cross_attention(attention_sdpa)
 
 
-@register("self_attention", "triton")
-def self_attention_triton(q, k, v, w_q, w_k, eps, rope):
-    if q.dtype != BF16:
-        return _self_exact(q, k, v, w_q, w_k, eps, rope)
-    return fused_attention(q, k, v, w_q, w_k, eps, rope, rope)
+def _bf16_or_exact(kind: str, fused, exact):
+    """Register `fused` as the triton backend of `kind` for bf16 activations, `exact` otherwise
+    (decided by the first argument's dtype)."""
+    def backend(x, *args):
+        return fused(x, *args) if x.dtype == BF16 else exact(x, *args)
+    backend.__name__ = f"{kind}_triton"
+    register(kind, "triton")(backend)
+    return backend
 
 
-@register("cross_attention", "triton")
-def cross_attention_triton(q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None):
-    if q.dtype != BF16:
-        return _cross_exact(q, k, v, w_q, w_k, eps, q_rope, k_rope)
-    return fused_attention(q, k, v, w_q, w_k, eps, q_rope, k_rope)
-
-
-@register("norm_modulate", "triton")
-def norm_modulate_triton(x, shift, scale, eps):
-    if x.dtype != BF16:
-        return norm_modulate_eager(x, shift, scale, eps)
-    return adaln.layernorm_modulate(x, shift, scale, eps)
-
-
-@register("gated_residual", "triton")
-def gated_residual_triton(x, gate, y):
-    if x.dtype != BF16:
-        return gated_residual_eager(x, gate, y)
-    return adaln.gated_residual(x, gate, y)
-
-
-@register("layernorm_affine", "triton")
-def layernorm_affine_triton(x, weight, bias, eps):
-    if x.dtype != BF16:
-        return layernorm_affine_eager(x, weight, bias, eps)
-    return adaln.layernorm_affine(x, weight, bias, eps)
-
-
-@register("residual_layernorm_affine", "triton")
-def residual_layernorm_affine_triton(x, gate, y, weight, bias, eps):
-    if x.dtype != BF16:
-        return residual_layernorm_affine_eager(x, gate, y, weight, bias, eps)
-    return adaln.gated_residual_layernorm_affine(x, gate, y, weight, bias, eps)
+_bf16_or_exact("self_attention",
+               lambda q, k, v, w_q, w_k, eps, rope: fused_attention(q, k, v, w_q, w_k, eps, rope,
+                                                                    rope),
+               compose_self_attention(rope_interleaved_f32, attention_sdpa))
+_bf16_or_exact("cross_attention",
+               lambda q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None: fused_attention(
+                   q, k, v, w_q, w_k, eps, q_rope, k_rope),
+               compose_cross_attention(attention_sdpa))
+_bf16_or_exact("norm_modulate", adaln.layernorm_modulate, norm_modulate_eager)
+_bf16_or_exact("gated_residual", adaln.gated_residual, gated_residual_eager)
+_bf16_or_exact("layernorm_affine", adaln.layernorm_affine, layernorm_affine_eager)
+_bf16_or_exact("residual_layernorm_affine", adaln.gated_residual_layernorm_affine,
+               residual_layernorm_affine_eager)
