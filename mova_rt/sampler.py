@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .cache import StepCache
-from .models.dual_tower import Prepared, text_kv
+from .models.dual_tower import Prepared, ropes, text_kv
 from .models.video_dit import time_embeddings
 from .scheduler import FlowMatchScheduler
 
@@ -117,7 +117,6 @@ class GuidedStep:
         grid, agrid = (t // pf, h // ph, w // pw), (audio_in.shape[-1] // self.audio_dit.patch_size[0],)
         dtype = dit.patch_embedding.weight.dtype
         if (grid, agrid) not in self._ropes:
-            from .models.dual_tower import ropes
             self._ropes[(grid, agrid)] = ropes(dit, self.audio_dit, self.bridge, grid, agrid,
                                                self.fps, dtype, video_in.device)
         (vt, at), kv_v, kv_a = self._times[i], self._texts[names], self._audio_texts[names]
