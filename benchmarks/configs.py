@@ -94,20 +94,15 @@ def offload_runner(depth: int):
     configurations (--configs offload-group) so the shared weights stay in host memory and the
     VRAM figures are this configuration's own; mixed with others it streams from a host copy."""
     def prepare(shared, cfg, scheduler, cfg_scale, fps):
-        from mova_rt.offload import BlockStreamer
+        from mova_rt.offload import stream_modules, tower_blocks
         device = _compute_device()
         host = {name: m if next(m.parameters()).device.type == "cpu" else
                 _host_copy(name, m, cfg) for name, m in shared.items()}
         runner = eager_runner("reference", cfg_batch=True)(host, cfg, scheduler, cfg_scale, fps)
-        blocks = (list(runner.video_dit.blocks) + list(runner.audio_dit.blocks)
-                  + list(runner.bridge.audio_to_video_conditioners.values())
-                  + list(runner.bridge.video_to_audio_conditioners.values()))
-        streamed = {id(p) for b in blocks for p in b.parameters()}
-        runner.streamer = BlockStreamer(blocks, device, depth)
-        for m in (runner.video_dit, runner.audio_dit, runner.bridge):
-            for p in m.parameters():
-                if id(p) not in streamed:
-                    p.data = p.data.to(device)
+        towers = (runner.video_dit, runner.audio_dit, runner.bridge)
+        runner.streamer = stream_modules(
+            towers, tower_blocks(runner.video_dit, runner.audio_dit, bridge=runner.bridge),
+            device, depth)
         return runner
     return prepare
 

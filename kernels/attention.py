@@ -28,6 +28,7 @@ views of the projections [B, L, H*D]); w_q/w_k [H*D]; out [B, Lq, H, D] contiguo
 
 from __future__ import annotations
 
+import functools
 import math
 import torch
 import triton
@@ -257,6 +258,14 @@ def rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (queried once, not per attention call)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def split_count(batch_heads: int, lq: int, lk: int, sm_count: int = 132) -> int:
     """Key splits that fill the GPU when queries alone give too few programs: aim for about two
     programs per SM with at least 1024 keys per split."""
@@ -315,9 +324,7 @@ def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k
     round_table = rope == ROPE_ROTATE_HALF and next(
         r for r in (q_rope, k_rope) if r is not None).table_dtype == torch.bfloat16
     if splits is None:
-        sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
-               if q.device.type == "cuda" else 132)
-        splits = 1 if INTERPRET else split_count(bsz * heads, lq, lk, sms)
+        splits = 1 if INTERPRET else split_count(bsz * heads, lq, lk, _sm_count(q.device))
     if rope == ROPE_NONE:
         qa = qb = ka = kb = None
     return torch.ops.mova_rt.fused_attention(q, k, v, wq, wk, eps, rope, qa, qb, ka, kb, inv,

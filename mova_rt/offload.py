@@ -255,17 +255,37 @@ def materialized(block: nn.Module):
         streamer._after(block, (), None)
 
 
+def tower_blocks(*dits, bridge=None) -> list:
+    """The repeated blocks of DiT towers and the bridge's conditioners (None entries skipped)."""
+    blocks = [b for dit in dits if dit is not None for b in dit.blocks]
+    if bridge is not None:
+        blocks += list(bridge.audio_to_video_conditioners.values())
+        blocks += list(bridge.video_to_audio_conditioners.values())
+    return blocks
+
+
 def streamed_blocks(pipe) -> list:
     """The repeated blocks that stream under --offload group, per component."""
-    blocks = []
-    for dit in (pipe.video_dit, pipe.video_dit_2, pipe.audio_dit):
-        if dit is not None:
-            blocks += list(dit.blocks)
-    bridge = pipe.bridge
-    blocks += list(bridge.audio_to_video_conditioners.values())
-    blocks += list(bridge.video_to_audio_conditioners.values())
-    blocks += list(pipe.text_encoder.model.encoder.block)        # UMT5-XXL: 24 blocks
-    return blocks
+    return (tower_blocks(pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, bridge=pipe.bridge)
+            + list(pipe.text_encoder.model.encoder.block))        # UMT5-XXL: 24 blocks
+
+
+def stream_modules(modules, blocks: list, device, depth: int = 1,
+                   disk: dict | None = None) -> BlockStreamer:
+    """`blocks` through a BlockStreamer; every other parameter and buffer of `modules` moves to
+    `device` and stays there."""
+    device = torch.device(device)
+    streamer = BlockStreamer(blocks, device, depth, disk)
+    streamed = {id(p) for b in blocks for p in b.parameters()}
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in streamed:
+                p.data = p.data.to(device)
+        for b in module.buffers():
+            b.data = b.data.to(device)
+    return streamer
 
 
 # Checkpoint key prefixes of the streamed blocks, per component (spec 2.3).
@@ -303,20 +323,9 @@ def disk_sources(pipe, ckpt: str, dtype: torch.dtype) -> dict:
 def apply_group(pipe, device, depth: int = 1, disk: dict | None = None) -> BlockStreamer:
     """Layerwise streaming: blocks through the streamer (from host copies, or from disk for the
     parameters in `disk`), everything else resident on `device`."""
-    device = torch.device(device)
-    blocks = streamed_blocks(pipe)
-    streamer = BlockStreamer(blocks, device, depth, disk)
-    streamed = {id(p) for b in blocks for p in b.parameters()}
-    for module in (pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge,
-                   pipe.text_encoder.model, pipe.video_vae, pipe.audio_vae):
-        if module is None:
-            continue
-        for p in module.parameters():
-            if id(p) not in streamed:
-                p.data = p.data.to(device)
-        for b in module.buffers():
-            b.data = b.data.to(device)
-    return streamer
+    return stream_modules((pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge,
+                           pipe.text_encoder.model, pipe.video_vae, pipe.audio_vae),
+                          streamed_blocks(pipe), device, depth, disk)
 
 
 def weight_bytes(module: nn.Module | None) -> int:
