@@ -21,6 +21,7 @@ from . import __version__
 from .errors import MovaInputError
 
 EXIT_BAD_INPUT = 2
+EXIT_COMM_FAILURE = 3     # under torchrun: another rank failed or hung
 REFERENCE_DEFAULTS = {"height": 720, "width": 1280, "num_frames": 193}
 
 
@@ -57,7 +58,18 @@ def _generate_parser(sub):
     p.add_argument("--sigma_shift", type=float, default=None,
                    help="not supported: the reference ignores it; the shift comes from "
                         "scheduler/scheduler_config.json")
-    p.add_argument("--cp_size", type=int, default=1)
+    p.add_argument("--cp_size", type=int, default=1,
+                   help="context parallelism: ranks sharing each forward's tokens (under torchrun)")
+    p.add_argument("--ulysses_degree", type=int, default=None,
+                   help="Ulysses (all-to-all over heads) part of --cp_size; must divide 40 video "
+                        "and 12 audio heads (default: the largest that does, 4 for MOVA)")
+    p.add_argument("--ring_degree", type=int, default=None,
+                   help="ring (K/V blocks passed around) part of --cp_size: ulysses x ring = cp")
+    p.add_argument("--cfg_parallel", action="store_true",
+                   help="run the guidance passes on separate rank groups (world size = cp_size x "
+                        "passes)")
+    p.add_argument("--dist_timeout", type=float, default=600.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others before it fails")
     p.add_argument("--offload", choices=("none", "cpu", "group"), default=None,
                    help="none: all weights on the GPU; cpu: components take turns on it; group: "
                         "blocks stream through it (default: none, or what --vram-budget picks)")
@@ -108,9 +120,6 @@ def _unsupported(args):
                              "checkpoint files; leave the flag out")
     if args.offload_depth < 1:
         raise MovaInputError("--offload_depth must be at least 1")
-    if args.cp_size != 1:
-        raise MovaInputError("--cp_size > 1 (context parallelism) is not implemented yet; run "
-                             "with --cp_size 1")
     if args.sigma_shift is not None:
         raise MovaInputError("--sigma_shift is not supported: the reference ignores it and so "
                              "would we; edit scheduler/scheduler_config.json to change the shift")
@@ -131,13 +140,42 @@ def _resolve_device(name):
     return name
 
 
+def _plan_parallel(args, ckpt, where):
+    """The parallel layout (mova_rt.parallel.ParallelConfig) of this launch, or None for one
+    process; checked from the checkpoint's config files alone, before any weight is loaded."""
+    from .config import load_config
+    from .parallel import head_counts, plan
+    from .sampler import Guidance
+
+    if (where.world_size == 1 and args.cp_size == 1 and not args.cfg_parallel
+            and args.ulysses_degree in (None, 1) and args.ring_degree in (None, 1)):
+        return None
+    passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
+    return plan(args.cp_size, args.ulysses_degree, args.ring_degree, args.cfg_parallel, passes,
+                head_counts(load_config(ckpt)), where.world_size)
+
+
 def cmd_generate(args) -> int:
+    from . import launch
+    try:
+        return _generate(args, launch.from_env())
+    finally:
+        launch.finish()
+
+
+def _generate(args, where) -> int:
+    from . import launch
     from .config import PRESET_SIZES
     from .media import check_output_path, load_reference_image, save_latents, write_mp4
     from .config import check_sizes
+    from .parallel import Mesh
     from .pipeline import MovaPipeline
     from .tiny import embedded_tiny_checkpoint
 
+    flags = {k: v for k, v in vars(args).items()}   # as given: compared across ranks
+    writer = where.rank == 0
+    if not writer:
+        launch.quiet_unless_writer(where)
     _unsupported(args)
     tiny = args.ckpt_path is None
     defaults = dict(zip(("height", "width", "num_frames"), PRESET_SIZES["tiny"])) if tiny \
@@ -152,43 +190,53 @@ def cmd_generate(args) -> int:
     check_sizes(args.height, args.width, args.num_frames)
     if args.fps <= 0:
         raise MovaInputError(f"--fps {args.fps} must be positive")
-    check_output_path(args.output_path)
-    if args.save_latents:
-        check_output_path(args.save_latents, suffix=".safetensors")
-    device = _resolve_device(args.device)
+    if writer:
+        check_output_path(args.output_path)
+        if args.save_latents:
+            check_output_path(args.save_latents, suffix=".safetensors")
+    device = launch.device_for(where, _resolve_device(args.device))
     image = None
     if args.ref_path is not None:  # read before the weights, so a bad image fails fast
         image = load_reference_image(args.ref_path, args.height, args.width)
     else:
         warnings.warn("no --ref_path: generating text-to-video-audio from a white first frame, "
                       "as the reference workflow does (expect weaker results than with an image)")
-    if tiny:
+    if tiny and writer:
         print("notice: no --ckpt_path, running the embedded tiny model with random weights: the "
               "output is noise, useful only to check the installation", file=sys.stderr)
-        ckpt = embedded_tiny_checkpoint()
-    else:
-        ckpt = args.ckpt_path
+    ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
 
+    layout = _plan_parallel(args, ckpt, where)
+    launch.init(where, device, args.dist_timeout)
+    launch.check_agreement(where, flags, ckpt)
+    mesh = Mesh(layout, where.rank) if layout is not None else None
+    if mesh is not None and writer:
+        print(f"notice: {where.world_size} ranks: context parallel {layout.cp_size} (Ulysses "
+              f"{layout.ulysses} x ring {layout.ring})" + (
+                  f", {layout.cfg_groups} guidance passes in parallel" if layout.cfg_groups > 1
+                  else ""), file=sys.stderr)
     offload = _plan_offload(args, ckpt, device)
     t_start = time.perf_counter()
     try:
         pipe = MovaPipeline.from_pretrained(
             ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
             lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
-            offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk)
+            offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk, mesh=mesh)
         out = pipe(args.prompt, image, height=args.height, width=args.width,
                    negative_prompt=args.negative_prompt,
                    num_frames=args.num_frames, fps=args.fps, seed=args.seed,
                    num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
-                   remove_video_dit=args.remove_video_dit, progress=args.progress,
+                   remove_video_dit=args.remove_video_dit, progress=args.progress and writer,
                    bridge_cfg_scale=args.bridge_cfg_scale, cfg_batch=args.cfg_batch,
-                   cache=args.cache, cache_threshold=args.cache_threshold)
+                   cache=args.cache, cache_threshold=args.cache_threshold, decode=writer)
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":
             raise
         import torch
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
         raise MovaInputError(_oom_advice(args, ckpt, total, offload)) from None
+    if not writer:            # every rank holds the same latents; rank 0 alone decodes and writes
+        return 0
     t0 = time.perf_counter()
     write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
     out.timings["mux"] = time.perf_counter() - t0
@@ -324,15 +372,26 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv=None) -> int:
+    from . import launch
+
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint,
                "info": cmd_info, "bench": cmd_bench}[args.command]
+    where, who = launch.Launch(), ""
     try:
+        where = launch.from_env()
+        who = f"rank {where.rank}/{where.world_size}: " if where.distributed else ""
         return handler(args)
     except MovaInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {who}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:
+        if not (where.distributed and launch.is_comm_failure(e)):
+            raise
+        timeout = getattr(args, "dist_timeout", 0.0)
+        print(f"error: {who}{launch.comm_failure_message(e, timeout)}", file=sys.stderr)
+        return EXIT_COMM_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130

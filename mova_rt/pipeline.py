@@ -35,6 +35,7 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
                                   tie_umt5_embeddings, umt5_expected_keys)
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
+from . import parallel
 from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
@@ -49,8 +50,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass
 class MovaOutput:
-    frames: np.ndarray            # uint8 [F, H, W, 3]
-    waveform: np.ndarray          # float32 [S], the full DAC output (L_a * hop samples)
+    frames: np.ndarray | None     # uint8 [F, H, W, 3] (None when not decoded)
+    waveform: np.ndarray | None   # float32 [S], the full DAC output (L_a * hop samples)
     sample_rate: int
     fps: float
     video_latents: torch.Tensor   # fp32 [1, z, T, h, w] (normalised, as the sampler ends)
@@ -76,6 +77,7 @@ class MovaPipeline:
         self._conditions: OrderedDict = OrderedDict()   # (image digest, frames) -> VAE latent
         self.streamer = None       # --offload group: the BlockStreamer
         self.residency = None      # --offload cpu: the ComponentResidency
+        self.mesh = None           # context / CFG parallel: this rank's mova_rt.parallel.Mesh
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -83,12 +85,13 @@ class MovaPipeline:
                         kernels: str = "reference", lora_path: str | None = None,
                         lora_alpha: float | None = None, lora_scale: float = 1.0,
                         offload: str = "none", offload_depth: int = 1,
-                        stream_from_disk: bool = False):
+                        stream_from_disk: bool = False, mesh=None):
         """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
         group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
         mova_rt/offload.py. With offload the weights are first loaded into host memory, except,
         with stream_from_disk (group only), the streamed blocks: read from the checkpoint files
-        at each use, so host RAM stays small."""
+        at each use, so host RAM stays small. mesh: a mova_rt.parallel.Mesh (this rank's place
+        in a torchrun launch) to run context- and CFG-parallel."""
         t0 = time.perf_counter()
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -137,6 +140,9 @@ class MovaPipeline:
             pipe.streamer = apply_group(pipe, compute_device, offload_depth, disk)
         elif offload == "cpu":
             pipe.residency = apply_component(pipe, compute_device)
+        if mesh is not None:
+            parallel.apply(pipe, mesh)
+            pipe.mesh = mesh
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -187,7 +193,7 @@ class MovaPipeline:
                  ref_path: str | None = None, height: int | None = None,
                  width: int | None = None, bridge_cfg_scale: float = 1.0,
                  cfg_batch: bool | None = None, cache: str = "off",
-                 cache_threshold: float = 0.1) -> MovaOutput:
+                 cache_threshold: float = 0.1, decode: bool = True) -> MovaOutput:
         """The CLI's arguments. The first frame is `image` (a [1, 3, H, W] tensor in [-1, 1], or a
         PIL image that is centre-cropped and resized to height x width), or the file `ref_path`,
         or, when neither is given, a white frame (text-to-video-audio).
@@ -196,7 +202,8 @@ class MovaPipeline:
         passes of a step as one batch (None: batched, and sequential after an out-of-memory;
         False: one after the other, bit-identical to the reference). cache: step caching
         (mova_rt.cache): off (exact), auto (reuse when the first layer's residual changed by less
-        than cache_threshold), schedule (every other step)."""
+        than cache_threshold), schedule (every other step). decode: False skips the VAE and DAC
+        decode (frames and waveform are then None): the ranks of a parallel run but one."""
         image = self._first_frame(image, ref_path, height, width)
         _, _, height, width = image.shape
         vae = self.cfg.video_vae
@@ -235,7 +242,9 @@ class MovaPipeline:
         if res:
             res.load(self.text_encoder.model)
         pos = self.text_encoder.encode([prompt], dev, self.dtype)
-        guidance = Guidance(cfg_scale, bridge_cfg_scale, batch=cfg_batch is not False)
+        cfg_parallel = self.mesh is not None and self.mesh.config.cfg_groups > 1
+        guidance = Guidance(cfg_scale, bridge_cfg_scale,
+                            batch=cfg_batch is not False and not cfg_parallel)
         uses_neg = any(name == "neg" for name, _ in guidance.passes())
         neg = self.text_encoder.encode([negative_prompt], dev, self.dtype) if uses_neg else None
         if res:
@@ -247,11 +256,15 @@ class MovaPipeline:
         switch_at = sched.expert_switch_index(self.cfg.pipeline.boundary_ratio)
         if cache not in CACHE_MODES:
             raise MovaInputError(f"--cache {cache} is not a mode: use {', '.join(CACHE_MODES)}")
+        if cache == "auto" and self.mesh is not None and self.mesh.config.world_size > 1:
+            raise MovaInputError("--cache auto decides from each rank's own tokens, so parallel "
+                                 "ranks could disagree: use --cache schedule with --cp_size or "
+                                 "--cfg_parallel")
         n_steps = len(sched.timesteps)
         step_cache = (StepCache.every_other(n_steps) if cache == "schedule" else
                       StepCache(cache, threshold=cache_threshold, num_steps=n_steps))
         step = GuidedStep(self._forward, sched, guidance, fps, self.audio_dit, self.bridge,
-                          step_cache)
+                          step_cache, mesh=self.mesh)
         dit = self.video_dit
         if res:
             res.load(dit)
@@ -284,7 +297,7 @@ class MovaPipeline:
         forwards = step.forwards_per_step * len(step.timesteps)
         reused = 0
         if step_cache.enabled:
-            passes = 1 if step.guidance.batch else step.forwards_per_step
+            passes = 1 if step.guidance.batch or step.mesh else step.forwards_per_step
             forwards = step_cache.computed * step.forwards_per_step // passes
             reused = step_cache.reused * step.forwards_per_step // passes
         sync()
@@ -297,10 +310,12 @@ class MovaPipeline:
                                  "--dtype fp32 or check the checkpoint")
 
         t0 = time.perf_counter()
-        frames = decode_frames(self.video_vae, vae, latents)
-        wave = self.audio_vae.decode(audio.float())[0, 0].float().cpu().numpy()
+        frames = wave = None
+        if decode:
+            frames = decode_frames(self.video_vae, vae, latents).numpy()
+            wave = self.audio_vae.decode(audio.float())[0, 0].float().cpu().numpy()
         sync()
         timings["decode"] = time.perf_counter() - t0
-        return MovaOutput(frames=frames.numpy(), waveform=wave, sample_rate=self.audio_vae.sample_rate,
+        return MovaOutput(frames=frames, waveform=wave, sample_rate=self.audio_vae.sample_rate,
                           fps=fps, video_latents=latents.cpu(), audio_latents=audio.cpu(),
                           timings=timings, forwards=forwards, reused=reused)

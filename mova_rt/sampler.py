@@ -11,8 +11,10 @@ Guidance (velocities v(text, bridge)):
       v = v(neg, off) + s_B [v(neg, on) - v(neg, off)] + s_T [v(pos, on) - v(neg, on)]
   three passes; when s_B = s_T = s it is v(neg, off) + s [v(pos, on) - v(neg, off)], two passes.
   "off" skips the bridge: the towers run independently in that pass.
-The passes run one after the other (the reference's order: prompt first) or, batched, as one
-forward over a batch of 2 or 3 (bridge-off rows first, so the bridge runs on the others only).
+The passes run one after the other (the reference's order: prompt first), or, batched, as one
+forward over a batch of 2 or 3 (bridge-off rows first, so the bridge runs on the others only), or,
+with CFG parallel (a mova_rt.parallel.Mesh with cfg_groups > 1), one pass on each rank group, the
+velocities all-gathered and combined as on one process.
 
 Exact caches (no approximation): the time embeddings of every step of an expert are computed when
 the expert first runs, the text K/V of every cross-attention layer once per (expert, text), the RoPE
@@ -67,8 +69,9 @@ class GuidedStep:
     (video_v, audio_v); audio_dit and bridge are the shared towers (for the caches)."""
 
     def __init__(self, forward: Callable, scheduler: FlowMatchScheduler, guidance, fps: float,
-                 audio_dit=None, bridge=None, step_cache: StepCache | None = None):
+                 audio_dit=None, bridge=None, step_cache: StepCache | None = None, mesh=None):
         self.forward = forward
+        self.mesh = mesh if mesh is not None and mesh.config.cfg_groups > 1 else None
         self.scheduler = scheduler
         self.guidance = guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
         self.fps = fps
@@ -137,7 +140,16 @@ class GuidedStep:
         if cache is not None:
             cache.begin_step(i, dit)
             extra["step_cache"] = cache
-        if self.guidance.batch and len(passes) > 1:
+        if self.mesh is not None:                    # CFG parallel: this group's pass
+            name, on = passes[self.mesh.cfg_index]
+            prep = self._prepared(dit, i, (name,), texts[name], model_in, audio)
+            if cache is not None:
+                extra["cache_key"] = (name, on)
+            vv, av = self.forward(dit, model_in, audio, texts[name], t, self.fps,
+                                  prepared=prep, bridge_from=0 if on else 1, **extra)
+            outs = list(zip(self.mesh.gather_passes(vv.float()),
+                            self.mesh.gather_passes(av.float())))
+        elif self.guidance.batch and len(passes) > 1:
             n, off = len(passes), sum(1 for _, on in passes if not on)
             names = tuple(name for name, _ in passes)
             text = torch.cat([texts[name] for name in names])

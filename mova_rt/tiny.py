@@ -9,6 +9,7 @@ import os
 
 from . import __version__
 from .checkpoint import make_checkpoint
+from .errors import MovaInputError
 
 TINY_SEED = 0
 
@@ -17,6 +18,11 @@ def embedded_tiny_checkpoint() -> str:
     root = os.environ.get("MOVA_RT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                            "mova-rt")
     path = os.path.join(root, f"tiny-{__version__}-seed{TINY_SEED}")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        make_checkpoint("tiny", path, seed=TINY_SEED)  # atomic: a complete folder or none
+    marker = os.path.join(path, "model_index.json")
+    if not os.path.isfile(marker):
+        try:
+            make_checkpoint("tiny", path, seed=TINY_SEED)  # atomic: a complete folder or none
+        except (MovaInputError, OSError):
+            if not os.path.isfile(marker):   # not another process (a torchrun rank) winning
+                raise
     return path
