@@ -9,6 +9,7 @@ runs at small default sizes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import platform
@@ -209,7 +210,9 @@ def _generate(args, where) -> int:
     layout = _plan_parallel(args, ckpt, where)
     launch.init(where, device, args.dist_timeout)
     launch.check_agreement(where, flags, ckpt)
-    mesh = Mesh(layout, where.rank) if layout is not None else None
+    mesh = None
+    if layout is not None:
+        mesh = Mesh(layout, where.rank, datetime.timedelta(seconds=args.dist_timeout))
     if mesh is not None and writer:
         print(f"notice: {where.world_size} ranks: context parallel {layout.cp_size} (Ulysses "
               f"{layout.ulysses} x ring {layout.ring})" + (

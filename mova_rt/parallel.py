@@ -27,6 +27,7 @@ Ulysses group g at position j, and the ring runs across the ring_degree Ulysses 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from dataclasses import dataclass
 
@@ -274,9 +275,10 @@ class SeqShard:
 
 class Mesh:
     """This rank's place in a ParallelConfig, with its process groups. Every rank constructs the
-    same groups in the same order (torch.distributed requires it)."""
+    same groups in the same order (torch.distributed requires it). timeout: how long a collective
+    waits for a peer (a group does not inherit the launch's; None: torch's default, 30 min)."""
 
-    def __init__(self, pc: ParallelConfig, rank: int):
+    def __init__(self, pc: ParallelConfig, rank: int, timeout: datetime.timedelta | None = None):
         self.config = pc
         self.rank = rank
         self.cfg_index, self.cp_rank = divmod(rank, pc.cp_size)
@@ -285,20 +287,24 @@ class Mesh:
         if pc.world_size == 1:
             return
         base = self.cfg_index * n
+
+        def new_group(ranks):
+            return dist.new_group(ranks, timeout=timeout)
+
         for c in range(pc.cfg_groups):
-            group = dist.new_group([c * n + p for p in range(n)])
+            group = new_group([c * n + p for p in range(n)])
             if c == self.cfg_index:
                 self.cp_group = group
             for g in range(r):
-                group = dist.new_group([c * n + g * u + j for j in range(u)])
+                group = new_group([c * n + g * u + j for j in range(u)])
                 if c == self.cfg_index and g == self.cp_rank // u:
                     self.ulysses_group = group
             for j in range(u):
-                group = dist.new_group([c * n + g * u + j for g in range(r)])
+                group = new_group([c * n + g * u + j for g in range(r)])
                 if c == self.cfg_index and j == self.cp_rank % u:
                     self.ring_group = group
         for p in range(n):
-            group = dist.new_group([c * n + p for c in range(pc.cfg_groups)])
+            group = new_group([c * n + p for c in range(pc.cfg_groups)])
             if p == rank - base:
                 self.cfg_group = group
 
