@@ -90,6 +90,12 @@ def _generate_parser(sub):
     p.add_argument("--lora_scale", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="GEMMs of the DiTs and the bridge: bf16 (the checkpoint's --dtype) or fp8 "
+                        "(e4m3 weights per channel, activations per token)")
+    p.add_argument("--fp8_weights", default=None, metavar="DIR",
+                   help="--precision fp8: weights written by `mova-rt quantize` (default: "
+                        "quantize on load)")
     p.add_argument("--kernels", default="reference",
                    help="kernel set: reference (exact), sdpa, triton (fused kernels), flash-attn")
     p.add_argument("--save_latents", default=None, metavar="PATH",
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
+    qp = sub.add_parser("quantize", help="write the fp8 weights of a checkpoint (for "
+                                         "generate --precision fp8 --fp8_weights)")
+    qp.add_argument("--ckpt_path", required=True, help="MOVA checkpoint folder (official layout)")
+    qp.add_argument("--out", required=True, help="new folder for the fp8 weights and manifest")
     sub.add_parser("info", help="version, devices and optional backends")
     from .benchmarks.suite import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -224,7 +234,8 @@ def _generate(args, where) -> int:
         pipe = MovaPipeline.from_pretrained(
             ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
             lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
-            offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk, mesh=mesh)
+            offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk, mesh=mesh,
+            precision=args.precision, fp8_weights=args.fp8_weights)
         out = pipe(args.prompt, image, height=args.height, width=args.width,
                    negative_prompt=args.negative_prompt,
                    num_frames=args.num_frames, fps=args.fps, seed=args.seed,
@@ -328,6 +339,14 @@ def _summary(pipe, out, args, total):
     print(f"memory: peak VRAM {vram} | peak host RSS {rss_gb:.2f} GiB", file=sys.stderr)
 
 
+def cmd_quantize(args) -> int:
+    from .quantize import SCHEME, quantize_checkpoint
+
+    quantize_checkpoint(args.ckpt_path, args.out)
+    print(f"wrote fp8 weights ({SCHEME}) of {args.ckpt_path} to {args.out}")
+    return 0
+
+
 def cmd_make_checkpoint(args) -> int:
     from .checkpoint import make_checkpoint
 
@@ -380,7 +399,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint,
-               "info": cmd_info, "bench": cmd_bench}[args.command]
+               "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize}[args.command]
     where, who = launch.Launch(), ""
     try:
         where = launch.from_env()

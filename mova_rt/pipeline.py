@@ -35,7 +35,7 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
                                   tie_umt5_embeddings, umt5_expected_keys)
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
-from . import parallel
+from . import parallel, quantize
 from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
@@ -46,6 +46,7 @@ from .scheduler import FlowMatchScheduler
 
 CONDITION_CACHE_SIZE = 4   # conditioning latents kept per pipeline (a 360p one is 1.4 MB)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISIONS = ("bf16", "fp8")     # of the DiT and bridge GEMMs (bf16: the checkpoint's --dtype)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class MovaPipeline:
         self.streamer = None       # --offload group: the BlockStreamer
         self.residency = None      # --offload cpu: the ComponentResidency
         self.mesh = None           # context / CFG parallel: this rank's mova_rt.parallel.Mesh
+        self.precision = "bf16"    # of the DiT and bridge GEMMs (fp8: mova_rt/quantize.py)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -85,13 +87,16 @@ class MovaPipeline:
                         kernels: str = "reference", lora_path: str | None = None,
                         lora_alpha: float | None = None, lora_scale: float = 1.0,
                         offload: str = "none", offload_depth: int = 1,
-                        stream_from_disk: bool = False, mesh=None):
+                        stream_from_disk: bool = False, mesh=None, precision: str = "bf16",
+                        fp8_weights: str | None = None):
         """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
         group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
         mova_rt/offload.py. With offload the weights are first loaded into host memory, except,
         with stream_from_disk (group only), the streamed blocks: read from the checkpoint files
         at each use, so host RAM stays small. mesh: a mova_rt.parallel.Mesh (this rank's place
-        in a torchrun launch) to run context- and CFG-parallel."""
+        in a torchrun launch) to run context- and CFG-parallel. precision fp8: the DiTs' and the
+        bridge's Linear layers in fp8 (mova_rt/quantize.py), from the folder fp8_weights written by
+        `mova-rt quantize`, or quantized here on load."""
         t0 = time.perf_counter()
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -103,6 +108,16 @@ class MovaPipeline:
         compute_device, device = device, (torch.device("cpu") if offload != "none" else device)
         if stream_from_disk and offload != "group":
             raise MovaInputError("--stream_from_disk streams blocks: it needs --offload group")
+        if precision not in PRECISIONS:
+            raise MovaInputError(f"--precision {precision} is not supported: use "
+                                 f"{' or '.join(PRECISIONS)}")
+        if fp8_weights and precision != "fp8":
+            raise MovaInputError("--fp8_weights holds fp8 weights: pass --precision fp8 with it")
+        if precision == "fp8" and dtype != torch.bfloat16:
+            raise MovaInputError("--precision fp8 computes around bf16 activations: use --dtype bf16")
+        if precision == "fp8" and stream_from_disk:
+            raise MovaInputError("--stream_from_disk reads the checkpoint's bf16 blocks; with "
+                                 "--precision fp8 use --offload group without it")
         if stream_from_disk and lora_path:
             raise MovaInputError("--stream_from_disk reads the weights as stored, so a LoRA cannot "
                                  "be merged into them: drop one of the two")
@@ -134,7 +149,12 @@ class MovaPipeline:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
                                                  "dual_tower_bridge")},
                        lora_path, alpha=lora_alpha, scale=lora_scale)
+        if precision == "fp8":
+            towers = {name: modules[name] for name in quantize.COMPONENTS}
+            weights = quantize.load(fp8_weights, path) if fp8_weights else None
+            quantize.apply(towers, weights, gemm="scaled_mm")
         pipe = cls(cfg, modules, compute_device, dtype)
+        pipe.precision = precision
         if offload == "group":
             disk = disk_sources(pipe, path, dtype) if stream_from_disk else None
             pipe.streamer = apply_group(pipe, compute_device, offload_depth, disk)

@@ -1,0 +1,300 @@
+"""fp8 weights for the DiTs and the bridge (issue 5): offline quantization, its files, and the
+transform that swaps a built model's Linear layers.
+
+Scheme `fp8-e4m3/channel-token`:
+- weights W [N, K] -> W_q e4m3 [N, K] and s_w fp32 [N] = max_k |W[n, k]| / 448 (a zero row keeps
+  scale 1), so W ~ s_w[:, None] * W_q: one scale per output channel, fixed offline;
+- activations x [M, K] -> x_q e4m3 and s_x fp32 [M] = max_k |x[m, k]| / 448 per token, at run time
+  (dynamic: no calibration needed; a static per-tensor scale from calibration is the alternative,
+  `calibrate`);
+- y = (s_x[:, None] * s_w[None, :]) * (x_q @ W_q^T) + b, accumulated in fp32, out in the block
+  dtype.
+
+Which Linear layers (and why the others stay in the checkpoint dtype):
+- quantized: in every DiT block of both experts and the audio DiT, self-attention q, k, v, o, text
+  cross-attention q and o, FFN up and down; in the bridge, every conditioner's q, k, v, o. These
+  run on every token of every forward: ~99% of the GEMM FLOPs (spec 4.2).
+- kept: text cross-attention k and v (they project the 512 text rows once per request, an exact
+  cache, so fp8 would cost accuracy for no time); patch embeddings (a convolution with 36 or 128
+  input channels); text embeddings (once per request); time embedding and projection (the
+  reference runs them in fp32); the heads (64 or 128 output channels that become the velocity
+  directly); norms and modulation tables (not GEMMs).
+
+Files (`save` / `load`): one safetensors file per component, `<layer>.weight` (F8_E4M3) and
+`<layer>.weight_scale` (F32), next to `manifest.json` (format, scheme, the source checkpoint's
+fingerprint, the layers and shapes). Biases are not copied: they load from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import MovaInputError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0                       # largest finite e4m3fn value
+SCHEME = "fp8-e4m3/channel-token"
+FORMAT = "mova-rt-fp8/1"
+COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
+_QUANTIZED = {
+    "dit": re.compile(r"^blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$"),
+    "bridge": re.compile(r"^(audio_to_video|video_to_audio)_conditioners\.\d+\.inner\.(q|k|v|o)$"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The numerics (pure PyTorch: the reference every fast path is tested against)
+# ---------------------------------------------------------------------------------------------
+def quantize_rows(x: torch.Tensor) -> tuple:
+    """[..., K] -> (e4m3 [..., K], fp32 scale [...]) with one scale per row: amax / 448."""
+    amax = x.float().abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def fp8_linear_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    """(s_x s_w) (x_q @ W_q^T) + b in fp32, rounded once to out_dtype. x_q [M, K], x_scale [M],
+    w_q [N, K], w_scale [N], bias [N] or None."""
+    y = (x_q.float() @ w_q.float().t()) * x_scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    """The same through torch._scaled_mm (cuBLASLt on sm_89+, also on the CPU) with row-wise
+    scales; the bias is added in fp32 before the one rounding, as in the reference."""
+    y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None].contiguous(),
+                         scale_b=w_scale[None, :].contiguous(), out_dtype=torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm}
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight is e4m3 with per-output-channel scales; the input is quantized per
+    token on the fly. Holds the original bias (checkpoint dtype). The fp8 weight and its scales
+    are (frozen) parameters, so offload streams them like any weight."""
+
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 gemm: str = "scaled_mm"):
+        super().__init__()
+        self.out_features, self.in_features = w_q.shape
+        self.weight = nn.Parameter(w_q, requires_grad=False)
+        self.weight_scale = nn.Parameter(w_scale.float(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gemm = GEMMS[gemm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))      # [M, K], [M]
+        y = self.gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {SCHEME}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Which layers, and the transform
+# ---------------------------------------------------------------------------------------------
+def quantizable(component: str, module: nn.Module) -> list:
+    """Names of the Linear layers of a component that the scheme quantizes (module docstring)."""
+    pattern = _QUANTIZED["bridge" if component == "dual_tower_bridge" else "dit"]
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and pattern.match(name)]
+
+
+def _set(module: nn.Module, name: str, child: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, leaf, child)
+
+
+def quantize_component(component: str, module: nn.Module) -> dict:
+    """{layer: (w_q, w_scale)} of a built component, computed from its weights."""
+    out = {}
+    for name in quantizable(component, module):
+        out[name] = quantize_rows(module.get_submodule(name).weight.detach())
+    return out
+
+
+def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -> dict:
+    """Swaps the quantizable Linear layers of modules {component: module} for Fp8Linear, in place.
+    weights: {component: {layer: (w_q, w_scale)}} from `load`; None quantizes the modules' own
+    weights (on load). Returns the weights used (for `save`)."""
+    used = {}
+    for component, module in modules.items():
+        if module is None:
+            continue
+        given = None if weights is None else weights[component]
+        layers = quantizable(component, module)
+        if given is not None and set(given) != set(layers):
+            raise MovaInputError(f"the fp8 weights of {component} hold other layers than the model "
+                                 "has: quantize this checkpoint again with mova-rt quantize")
+        used[component] = {}
+        for name in layers:
+            linear = module.get_submodule(name)
+            w_q, w_scale = given[name] if given is not None else quantize_rows(linear.weight.detach())
+            if tuple(w_q.shape) != tuple(linear.weight.shape):
+                raise MovaInputError(
+                    f"fp8 weight {component}/{name} is {tuple(w_q.shape)} but the model's is "
+                    f"{tuple(linear.weight.shape)}: quantize this checkpoint again")
+            dev = linear.weight.device
+            bias = None if linear.bias is None else linear.bias.detach()
+            _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, gemm))
+            used[component][name] = (w_q, w_scale)
+    return used
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Files: save once, load with checks
+# ---------------------------------------------------------------------------------------------
+def source_digest(ckpt: str) -> str:
+    """One digest of the checkpoint's fingerprint (mova_rt.launch.checkpoint_fingerprint)."""
+    from .launch import checkpoint_fingerprint
+    prints = checkpoint_fingerprint(ckpt)
+    return hashlib.sha256(json.dumps(prints, sort_keys=True).encode()).hexdigest()
+
+
+def save(weights, ckpt: str, out: str) -> None:
+    """Writes fp8 weights to the new folder `out`, atomically. weights: {component: {layer:
+    (w_q, w_scale)}} (from `apply`) or an iterable of (component, layers) pairs, consumed one
+    component at a time (quantize_checkpoint)."""
+    if os.path.exists(out):
+        raise MovaInputError(f"{out} already exists: choose a new --out folder or remove it")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".mova-fp8-", dir=parent)
+    except OSError as e:
+        raise MovaInputError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
+    try:
+        manifest = {"format": FORMAT, "scheme": SCHEME, "source": os.path.abspath(ckpt),
+                    "source_digest": source_digest(ckpt), "components": {}}
+        pairs = weights.items() if isinstance(weights, dict) else weights
+        for component, layers in pairs:
+            tensors = {}
+            for name, (w_q, w_scale) in layers.items():
+                tensors[f"{name}.weight"] = w_q.detach().cpu().contiguous()
+                tensors[f"{name}.weight_scale"] = w_scale.detach().float().cpu().contiguous()
+            fname = f"{component}.fp8.safetensors"
+            save_file(tensors, os.path.join(tmp, fname), metadata={"scheme": SCHEME})
+            manifest["components"][component] = {
+                "file": fname, "layers": {n: list(w.shape) for n, (w, _) in layers.items()}}
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(path: str, ckpt: str, device="cpu") -> dict:
+    """{component: {layer: (w_q, w_scale)}} from a folder written by `save`, after checking it
+    belongs to `ckpt` and is complete. Raises MovaInputError naming the problem and the fix."""
+    redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise MovaInputError(f"--fp8_weights {path} has no manifest.json: point it at a folder "
+                             f"written by `{redo}`") from None
+    except (OSError, ValueError) as e:
+        raise MovaInputError(f"--fp8_weights {path}: manifest.json is unreadable ({e}): write it "
+                             f"again with `{redo}`") from None
+    if manifest.get("format") != FORMAT or manifest.get("scheme") != SCHEME:
+        raise MovaInputError(f"--fp8_weights {path} is {manifest.get('format')} / "
+                             f"{manifest.get('scheme')}, this mova-rt reads {FORMAT} / {SCHEME}: "
+                             f"write it again with `{redo}`")
+    if manifest.get("source_digest") != source_digest(ckpt):
+        raise MovaInputError(f"--fp8_weights {path} was quantized from another checkpoint "
+                             f"({manifest.get('source')}), not {ckpt}: use its own fp8 weights "
+                             f"or `{redo}`")
+    comps = manifest.get("components", {})
+    if set(comps) != set(COMPONENTS):
+        raise MovaInputError(f"--fp8_weights {path} lacks {sorted(set(COMPONENTS) - set(comps))}: "
+                             f"write it again with `{redo}`")
+    out = {}
+    for component, entry in comps.items():
+        fname = os.path.join(path, entry["file"])
+        layers = {}
+        try:
+            with safe_open(fname, framework="pt", device=str(device)) as f:
+                keys = set(f.keys())
+                for name, shape in entry["layers"].items():
+                    w_q, w_scale = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.weight_scale")
+                    if list(w_q.shape) != shape or w_q.dtype != FP8 or w_scale.shape != (shape[0],):
+                        raise ValueError(f"{name} is {tuple(w_q.shape)} {w_q.dtype}")
+                    layers[name] = (w_q, w_scale)
+                if len(keys) != 2 * len(entry["layers"]):
+                    raise ValueError("the file holds tensors the manifest does not list")
+        except Exception as e:       # safetensors raises several types for a damaged file
+            raise MovaInputError(f"--fp8_weights {fname} is damaged or incomplete "
+                                 f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+                                 f"write it again with `{redo}`") from None
+        out[component] = layers
+    return out
+
+
+def quantize_checkpoint(ckpt: str, out: str) -> None:
+    """`mova-rt quantize`: the fp8 weights of a checkpoint, one component in host memory at a
+    time (the largest, an expert, is 28.6 GB in bf16)."""
+    from .config import load_config
+    from .loader import load_state
+    from .models.audio_dit import AudioDiT
+    from .models.bridge import Bridge
+    from .models.video_dit import VideoDiT
+    from .ops import resolve
+
+    cfg = load_config(ckpt)
+    ops = resolve("reference")
+    builders = {"video_dit": lambda: VideoDiT(cfg.video_dit, ops),
+                "video_dit_2": lambda: VideoDiT(cfg.video_dit_2, ops),
+                "audio_dit": lambda: AudioDiT(cfg.audio_dit, ops),
+                "dual_tower_bridge": lambda: Bridge(cfg.bridge, ops)}
+
+    def components():
+        for name in COMPONENTS:
+            with torch.device("meta"):
+                module = builders[name]()
+            module = load_state(module, ckpt, name, torch.bfloat16, "cpu")
+            yield name, quantize_component(name, module)
+            del module
+
+    save(components(), ckpt, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Optional calibration through nvidia-modelopt (static activation scales)
+# ---------------------------------------------------------------------------------------------
+def calibrate(module: nn.Module, forward_loop) -> dict:
+    """Static per-tensor input scales {layer: amax / 448} of the quantizable Linear layers, from
+    nvidia-modelopt's FP8 fake-quant calibration over forward_loop(module). Optional: raises
+    MovaInputError when modelopt is not installed."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError:
+        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt "
+                             "requests huggingface_hub); dynamic per-token scales need nothing")
+    mtq.quantize(module, mtq.FP8_DEFAULT_CFG, forward_loop)
+    scales = {}
+    for name, m in module.named_modules():
+        q = getattr(m, "input_quantizer", None)
+        amax = getattr(q, "amax", None)
+        if amax is not None:
+            scales[name] = float(amax.float().max()) / FP8_MAX
+    return scales

@@ -1,0 +1,206 @@
+"""fp8 weights (mova_rt/quantize.py): the numerics, which layers, the files and their checks, and
+the per-forward error of the fp8 path against bf16 on the tiny model."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mova_rt import quantize
+from mova_rt.errors import MovaInputError
+from mova_rt.pipeline import MovaPipeline
+
+E4M3_REL = 2.0 ** -4          # half an ulp of e4m3's 3-bit mantissa, relative
+
+
+def _rel(x, y):
+    return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(403, 96), (7, 1, 33), (1, 5)])
+def test_quantize_rows_round_trip(shape):
+    x = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 50
+    q, s = quantize.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == shape[:-1]
+    assert q.float().abs().max() <= 448
+    back = q.float() * s[..., None]
+    amax = x.abs().amax(-1, keepdim=True)
+    # normal e4m3 values round to half an ulp; the smallest ones to e4m3's subnormal step
+    assert ((back - x).abs() <= E4M3_REL * x.abs() + 2.0 ** -9 * s[..., None] + 1e-12).all()
+    assert torch.allclose(q.float().abs().amax(-1), torch.full(shape[:-1], 448.0))
+    assert (amax > 0).all()
+
+
+def test_zero_row_keeps_scale_one():
+    q, s = quantize.quantize_rows(torch.zeros(3, 8))
+    assert torch.equal(s, torch.ones(3)) and (q.float() == 0).all()
+
+
+@pytest.mark.parametrize("m, k, n", [(403, 96, 80), (1, 64, 13), (45, 128, 200)])
+def test_scaled_mm_gemm_matches_reference(m, k, n):
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    xq, xs = quantize.quantize_rows(x)
+    wq, ws = quantize.quantize_rows(w)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref = quantize.fp8_linear_ref(xq, xs, wq, ws, b, out_dtype)
+        got = quantize.fp8_linear_scaled_mm(xq, xs, wq, ws, b, out_dtype)
+        tol = 1e-5 if out_dtype == torch.float32 else 2 ** -8
+        assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+def test_fp8_linear_against_bf16_linear():
+    """One layer's error against the bf16 Linear stays near e4m3's own (two roundings)."""
+    lin = nn.Linear(256, 192).bfloat16()
+    x = torch.randn(4, 403, 256).bfloat16()
+    wq, ws = quantize.quantize_rows(lin.weight.detach())
+    fp8 = quantize.Fp8Linear(wq, ws, lin.bias.detach())
+    ref = lin(x)
+    got = fp8(x)
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    assert _rel(got, ref) < 2 * E4M3_REL
+
+
+def test_which_layers(tiny_ckpt):
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8")
+    dit = pipe.video_dit
+    kinds = {type(m).__name__ for m in dit.blocks[0].modules() if isinstance(
+        m, (nn.Linear, quantize.Fp8Linear))}
+    assert kinds == {"Linear", "Fp8Linear"}
+    block = dit.blocks[0]
+    for name in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                 "cross_attn.o", "ffn.0", "ffn.2"):
+        assert isinstance(block.get_submodule(name), quantize.Fp8Linear), name
+    for name in ("cross_attn.k", "cross_attn.v"):          # once per request: kept
+        assert type(block.get_submodule(name)) is nn.Linear, name
+    for m in (dit.head.head, dit.text_embedding[0], dit.time_embedding[0], dit.time_projection[1]):
+        assert type(m) is nn.Linear
+    inner = pipe.bridge.audio_to_video_conditioners["0"].inner
+    assert all(isinstance(getattr(inner, n), quantize.Fp8Linear) for n in "qkvo")
+    n_video = sum(isinstance(m, quantize.Fp8Linear) for m in dit.modules())
+    assert n_video == 8 * len(dit.blocks)
+    bf16 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    assert len(quantize.quantizable("video_dit", bf16.video_dit)) == n_video
+
+
+def test_fp8_forward_error_per_tower(tiny_ckpt):
+    """Per-forward relative error of the fp8 path against bf16 on the tiny model, per tower:
+    measured 3.5% (video) and 3.0% (audio); held under 6%. (The tiny model's K of 64-128 gives
+    the per-token scales little to average over; the issue's 3% target is for the full model,
+    measured on a GPU.)"""
+    g = torch.Generator().manual_seed(0)
+    v, a, text = (torch.randn(2, 36, 5, 8, 12, generator=g), torch.randn(2, 16, 36, generator=g),
+                  torch.randn(2, 512, 32, generator=g))
+    t = torch.tensor([700.0])
+    bf16 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    fp8 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8")
+    ref = bf16._forward(bf16.video_dit, v, a, text, t, 24.0)
+    got = fp8._forward(fp8.video_dit, v, a, text, t, 24.0)
+    errs = [_rel(x, y) for x, y in zip(got, ref)]
+    print(f"fp8 vs bf16 per forward: video {errs[0]:.4f}, audio {errs[1]:.4f}")
+    assert all(0 < e < 0.06 for e in errs)
+
+
+CLIP = dict(height=64, width=96, num_frames=17, num_inference_steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tiny_ckpt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fp8") / "q")
+    quantize.quantize_checkpoint(tiny_ckpt, out)
+    return out
+
+
+def test_saved_weights_give_the_same_latents_as_quantizing_on_load(tiny_ckpt, fp8_dir):
+    on_load = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8")
+    saved = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
+                                         fp8_weights=fp8_dir)
+    a = on_load("x", None, **CLIP)
+    b = saved("x", None, **CLIP)
+    assert torch.equal(a.video_latents, b.video_latents)
+    assert torch.equal(a.audio_latents, b.audio_latents)
+    manifest = json.load(open(os.path.join(fp8_dir, "manifest.json")))
+    assert manifest["scheme"] == quantize.SCHEME and set(manifest["components"]) == set(
+        quantize.COMPONENTS)
+
+
+def test_offload_streams_fp8_weights_bit_identically(tiny_ckpt, fp8_dir):
+    plain = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
+                                         fp8_weights=fp8_dir)
+    group = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
+                                         fp8_weights=fp8_dir, offload="group")
+    a, b = plain("x", None, **CLIP), group("x", None, **CLIP)
+    assert torch.equal(a.video_latents, b.video_latents) and group.streamer.loads > 0
+
+
+def _damage(src, tmp_path, how):
+    dst = tmp_path / "q"
+    shutil.copytree(src, dst)
+    if how == "no_manifest":
+        os.remove(dst / "manifest.json")
+    elif how == "truncated":
+        f = dst / "video_dit.fp8.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    elif how == "missing_component":
+        m = json.load(open(dst / "manifest.json"))
+        del m["components"]["audio_dit"]
+        json.dump(m, open(dst / "manifest.json", "w"))
+    elif how == "other_scheme":
+        m = json.load(open(dst / "manifest.json"))
+        m["scheme"] = "int8/tensor"
+        json.dump(m, open(dst / "manifest.json", "w"))
+    return str(dst)
+
+
+@pytest.mark.parametrize("how, words", [
+    ("no_manifest", "has no manifest.json"),
+    ("truncated", "is damaged or incomplete"),
+    ("missing_component", "lacks ['audio_dit']"),
+    ("other_scheme", "this mova-rt reads"),
+])
+def test_damaged_fp8_weights_are_refused(tiny_ckpt, fp8_dir, tmp_path, how, words):
+    bad = _damage(fp8_dir, tmp_path, how)
+    with pytest.raises(MovaInputError, match=f".*{words.replace('[', '.').replace(']', '.')}"
+                                             ".*mova-rt quantize"):
+        MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8", fp8_weights=bad)
+
+
+def test_fp8_weights_of_another_checkpoint_are_refused(tmp_path, fp8_dir):
+    from mova_rt.checkpoint import make_checkpoint
+    other = str(tmp_path / "seed1")
+    make_checkpoint("tiny", other, seed=1)
+    with pytest.raises(MovaInputError, match="quantized from another checkpoint"):
+        MovaPipeline.from_pretrained(other, dtype="bf16", precision="fp8", fp8_weights=fp8_dir)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"fp8_weights": "x"}, "pass --precision fp8"),
+    ({"precision": "fp8", "dtype": "fp32"}, "use --dtype bf16"),
+    ({"precision": "fp8", "offload": "group", "stream_from_disk": True}, "without it"),
+    ({"precision": "int4"}, "--precision int4 is not supported"),
+])
+def test_bad_precision_combinations(tiny_ckpt, kw, words):
+    kw = {"dtype": "bf16", **kw}
+    with pytest.raises(MovaInputError, match=words):
+        MovaPipeline.from_pretrained(tiny_ckpt, **kw)
+
+
+def test_quantize_command_and_generate_flag(tmp_path, tiny_ckpt):
+    from mova_rt.cli import main
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--ckpt_path", tiny_ckpt, "--out", out]) == 0
+    assert main(["quantize", "--ckpt_path", tiny_ckpt, "--out", out]) == 2     # exists
+    assert main(["generate", "--ckpt_path", tiny_ckpt, "--prompt", "x", "--height", "64",
+                 "--width", "96", "--num_frames", "17", "--num_inference_steps", "2",
+                 "--precision", "fp8", "--fp8_weights", out, "--no-progress",
+                 "--output_path", str(tmp_path / "clip.mp4")]) == 0
+    assert os.path.getsize(tmp_path / "clip.mp4") > 0
+
+
+def test_modelopt_calibration_gives_static_scales():
+    pytest.importorskip("modelopt.torch.quantization")
+    block = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    data = [torch.randn(8, 32) for _ in range(4)]
+    scales = quantize.calibrate(block, lambda m: [m(x) for x in data])
+    assert scales and all(s > 0 for s in scales.values())
