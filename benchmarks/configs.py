@@ -130,6 +130,25 @@ register("flash-attn", "as sdpa, with the flash-attn package's attention (when i
     eager_runner("flash-attn"))
 
 
+def fp8_runner(kernels: str, gemm: str):
+    """The fp8 path (mova_rt/quantize.py) over the shared weights: the towers' Linear layers
+    quantized once here (prepare time), the bf16 ones left shared."""
+    def prepare(shared, cfg, scheduler, cfg_scale, fps):
+        from mova_rt import quantize
+        runner = eager_runner(kernels)(shared, cfg, scheduler, cfg_scale, fps)
+        quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+                        "dual_tower_bridge": runner.bridge}, gemm=gemm)
+        return runner
+    return prepare
+
+
+register("fp8", "triton kernels with fp8 weights (e4m3 per channel) and activations (per "
+         "token), mova-rt's Triton fp8 GEMMs with fused epilogues (bias; GELU -> fp8 for the "
+         "FFN)")(fp8_runner("triton", "triton"))
+register("fp8-cublas", "as reference, with fp8 Linear layers through torch._scaled_mm "
+         "(cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
+
+
 def parse_configs(text: str) -> list[RuntimeConfig]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:

@@ -46,6 +46,24 @@ def round_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def round_e4m3(x):
+    """fp32 in [-448, 448] -> the nearest e4m3fn value (ties to even), kept in fp32, so the cast
+    that follows is exact: the Triton 3.6 interpreter's fp32 -> fp8 cast drops the carry when a
+    mantissa rounds up to the next power of two (7.98 becomes 4, not 8). Bit arithmetic: the
+    step is 2^(e - 3) for exponent e >= -6 (normals; subnormals share the step 2^-9)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+    v = tl.abs(x) / step                              # exact: a power-of-two division
+    r = tl.floor(v)
+    frac = v - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+    return tl.where(x < 0, -r * step, r * step)
+
+
 def compile_report(module_name: str, archs: list) -> list:
     """Compile every entry of `<module>.COMPILE_CASES` (dicts: name, kernel, signature,
     constexprs, num_warps[, num_stages, archs]) for each arch (of `archs` that the case lists);

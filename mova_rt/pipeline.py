@@ -152,7 +152,8 @@ class MovaPipeline:
         if precision == "fp8":
             towers = {name: modules[name] for name in quantize.COMPONENTS}
             weights = quantize.load(fp8_weights, path) if fp8_weights else None
-            quantize.apply(towers, weights, gemm="scaled_mm")
+            # --kernels triton: mova-rt's fp8 GEMMs with fused epilogues; otherwise cuBLASLt
+            quantize.apply(towers, weights, gemm="triton" if kernels == "triton" else "scaled_mm")
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision
         if offload == "group":

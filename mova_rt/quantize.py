@@ -82,7 +82,14 @@ def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return y.to(out_dtype)
 
 
-GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm}
+def fp8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    """mova-rt's Triton fp8 GEMM (kernels/fp8_gemm.py), bias epilogue."""
+    from .kernels.fp8_gemm import fp8_gemm
+    return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
+
+
+GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm,
+         "triton": fp8_linear_triton}
 
 
 class Fp8Linear(nn.Module):
@@ -107,6 +114,37 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {SCHEME}"
+
+
+class Fp8FFN(nn.Module):
+    """A DiT block's FFN (Linear, GELU(tanh), Linear) on the Triton fp8 GEMMs: the up GEMM's
+    epilogue adds the bias, applies GELU and writes e4m3 with a scale per (token, 128 columns),
+    which the down GEMM reads directly: the 13,824-wide hidden never exists in bf16 and is never
+    re-read to be quantized. Submodules keep the names 0 and 2 (the checkpoint's ffn.0 / ffn.2)."""
+
+    def __init__(self, up: Fp8Linear, down: Fp8Linear):
+        super().__init__()
+        self.add_module("0", up)
+        self.add_module("2", down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.fp8_gemm import EPI_GELU_FP8, fp8_gemm
+        up, down = self._modules["0"], self._modules["2"]
+        lead = x.shape[:-1]
+        x_q, x_scale = quantize_rows(x.reshape(-1, up.in_features))
+        h_q, h_scale = fp8_gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
+                                epilogue=EPI_GELU_FP8)                      # e4m3 [M, F]
+        y = fp8_gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
+        return y.view(*lead, down.out_features)
+
+
+def _fuse_ffns(module: nn.Module) -> None:
+    """Sequential(Fp8Linear, GELU(tanh), Fp8Linear) -> Fp8FFN, everywhere in `module`."""
+    for name, m in list(module.named_modules()):
+        if (isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[0], Fp8Linear)
+                and isinstance(m[1], nn.GELU) and m[1].approximate == "tanh"
+                and isinstance(m[2], Fp8Linear)):
+            _set(module, name, Fp8FFN(m[0], m[2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +173,10 @@ def quantize_component(component: str, module: nn.Module) -> dict:
 def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -> dict:
     """Swaps the quantizable Linear layers of modules {component: module} for Fp8Linear, in place.
     weights: {component: {layer: (w_q, w_scale)}} from `load`; None quantizes the modules' own
-    weights (on load). Returns the weights used (for `save`)."""
+    weights (on load). gemm: a GEMMS backend; "triton" also fuses each FFN (Fp8FFN). Returns the
+    weights used (for `save`)."""
+    if gemm not in GEMMS:
+        raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose {', '.join(GEMMS)}")
     used = {}
     for component, module in modules.items():
         if module is None:
@@ -157,6 +198,8 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -
             bias = None if linear.bias is None else linear.bias.detach()
             _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, gemm))
             used[component][name] = (w_q, w_scale)
+        if gemm == "triton":
+            _fuse_ffns(module)
     return used
 
 

@@ -298,3 +298,17 @@ def test_runtime_feature_configs_side_by_side(tmp_path):
     assert [r["name"] for r in rows] == ["reference", "cfg-batch", "cache", "offload-group"]
     assert all(r["status"] == "ok" and len(r["step_s"]["samples"]) == 2 for r in rows)
     assert [r["forwards_per_step"] for r in rows] == [2, 2, 2, 2]
+
+
+def test_fp8_config_beside_reference(tmp_path):
+    """fp8-cublas runs here; `fp8` (the Triton fp8 GEMMs) and `triton` are registered the same
+    way and take minutes through the interpreter, so they are exercised in
+    tests/test_quantize.py on one forward instead."""
+    js = tmp_path / "fp8.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs",
+                 "reference,fp8-cublas", "--warmup", "0", "--steps", "1",
+                 "--json", str(js), "--no-progress"]) == 0
+    rows = json.loads(js.read_text())["configs"]
+    assert [r["name"] for r in rows] == ["reference", "fp8-cublas"]
+    assert "fp8" in bench_configs.CONFIGS
+    assert all(r["status"] == "ok" for r in rows), [r.get("message") for r in rows]
