@@ -1,7 +1,54 @@
 """Installs mova-rt. `kernels/` ships as the subpackage `mova_rt.kernels` (never as a bare
 top-level `kernels`, a name another PyPI package owns) and `benchmarks/` as `mova_rt.benchmarks`
-(the code behind `mova-rt bench`)."""
-from setuptools import setup
+(the code behind `mova-rt bench`).
+
+The optional extension mova_rt._C (csrc/, CMakeLists.txt) is built through CMake when cmake and
+pybind11 are present (with its CUDA kernels when nvcc is too); otherwise, or if its build fails,
+the install goes on without it and says why: every kernel in it has a PyTorch fallback.
+MOVA_RT_BUILD_EXT=0 leaves it out and makes a pure-Python wheel (scripts/device_wheel.sh: the GPU
+machine runs another Python than this one)."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        try:
+            import pybind11
+        except ImportError:
+            return self._skip("pybind11 is not installed")
+        if shutil.which("cmake") is None:
+            return self._skip("cmake is not installed")
+        if shutil.which("nvcc") is None:
+            print("mova-rt: nvcc not found: building mova_rt._C without its CUDA kernels")
+        target = self.get_ext_fullpath(ext.name)
+        with tempfile.TemporaryDirectory(prefix="mova-rt-cmake-") as build:
+            try:
+                subprocess.run(["cmake", "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+                                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                                f"-DPython_EXECUTABLE={sys.executable}"],
+                               check=True, capture_output=True, text=True)
+                subprocess.run(["cmake", "--build", build, "-j"], check=True,
+                               capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
+                return self._skip("its CMake build failed: " + " | ".join(tail))
+            built = glob.glob(os.path.join(build, "mova_rt", "_C*"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(built[0], target)
+
+    def _skip(self, why):
+        print(f"mova-rt: skipping the optional extension mova_rt._C ({why}); the PyTorch "
+              "fallbacks run instead")
 
 setup(
     name="mova-rt",
@@ -26,4 +73,7 @@ setup(
     extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},
+    ext_modules=[] if os.environ.get("MOVA_RT_BUILD_EXT") == "0" else
+    [Extension("mova_rt._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
 )

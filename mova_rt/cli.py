@@ -377,7 +377,10 @@ def cmd_info(args) -> int:
     print(f"triton: {_probe('triton')}")
     print(f"flash-attn: {_probe('flash_attn')}")
     print(f"tensorrt: {_probe('tensorrt')}")
-    print(f"cuda extension (mova_rt._C): {_probe('mova_rt._C')}")
+    from .cuda_ext import available, build_info
+    print(f"cuda extension (mova_rt._C): {build_info()}"
+          + ("" if build_info() == "not built" else
+             f" ({'kernels in use' if available() else 'no GPU: PyTorch fallbacks in use'})"))
     from .ops import KERNEL_SETS
     print(f"kernel sets: {', '.join(KERNEL_SETS)}")
     return 0

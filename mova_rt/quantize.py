@@ -63,6 +63,13 @@ def quantize_rows(x: torch.Tensor) -> tuple:
     return q, scale
 
 
+def quantize_activations(x: torch.Tensor) -> tuple:
+    """quantize_rows for activations [M, K]: the CUDA C++ kernel of mova_rt._C on GPUs when
+    built (bit-identical, one fused pass), else the PyTorch reference."""
+    from .cuda_ext import quantize_rows as fused
+    return fused(x)
+
+
 def fp8_linear_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     """(s_x s_w) (x_q @ W_q^T) + b in fp32, rounded once to out_dtype. x_q [M, K], x_scale [M],
     w_q [N, K], w_scale [N], bias [N] or None."""
@@ -108,7 +115,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))      # [M, K], [M]
+        x_q, x_scale = quantize_activations(x.reshape(-1, self.in_features))   # [M, K], [M]
         y = self.gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return y.view(*lead, self.out_features)
 
@@ -131,7 +138,7 @@ class Fp8FFN(nn.Module):
         from .kernels.fp8_gemm import EPI_GELU_FP8, fp8_gemm
         up, down = self._modules["0"], self._modules["2"]
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_rows(x.reshape(-1, up.in_features))
+        x_q, x_scale = quantize_activations(x.reshape(-1, up.in_features))
         h_q, h_scale = fp8_gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
                                 epilogue=EPI_GELU_FP8)                      # e4m3 [M, F]
         y = fp8_gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)

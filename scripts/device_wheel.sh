@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl/mova_rt-*.whl
-.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+# pure Python: the extension mova_rt._C is built for this machine's Python, not that machine's
+MOVA_RT_BUILD_EXT=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl .
 commit=$(git rev-parse HEAD)
 git diff --quiet HEAD -- mova_rt kernels benchmarks setup.py || commit="$commit-dirty"
 echo "$commit" > .whl/COMMIT
