@@ -15,17 +15,18 @@ from ..ops import (attention_sdpa, compose_cross_attention, compose_self_attenti
                    residual_layernorm_affine_eager, rope_interleaved_f32)
 from . import adaln
 from .attention import fused_attention
+from .attention_int8 import attention_int8
 
 BF16 = torch.bfloat16
 
 
-def _bf16_or_exact(kind: str, fused, exact):
-    """Register `fused` as the triton backend of `kind` for bf16 activations, `exact` otherwise
+def _bf16_or_exact(kind: str, fused, exact, name: str = "triton"):
+    """Register `fused` as the `name` backend of `kind` for bf16 activations, `exact` otherwise
     (decided by the first argument's dtype)."""
     def backend(x, *args):
         return fused(x, *args) if x.dtype == BF16 else exact(x, *args)
-    backend.__name__ = f"{kind}_triton"
-    register(kind, "triton")(backend)
+    backend.__name__ = f"{kind}_{name}"
+    register(kind, name)(backend)
     return backend
 
 
@@ -42,3 +43,6 @@ _bf16_or_exact("gated_residual", adaln.gated_residual, gated_residual_eager)
 _bf16_or_exact("layernorm_affine", adaln.layernorm_affine, layernorm_affine_eager)
 _bf16_or_exact("residual_layernorm_affine", adaln.gated_residual_layernorm_affine,
                residual_layernorm_affine_eager)
+# 8-bit attention (q, k int8 per block, k smoothed) for bf16 activations: the set
+# `triton-int8attn` composes it with float32 RoPE and q/k RMSNorm.
+_bf16_or_exact("attention", attention_int8, attention_sdpa, name="int8")

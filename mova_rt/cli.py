@@ -97,7 +97,8 @@ def _generate_parser(sub):
                    help="--precision fp8: weights written by `mova-rt quantize` (default: "
                         "quantize on load)")
     p.add_argument("--kernels", default="reference",
-                   help="kernel set: reference (exact), sdpa, triton (fused kernels), flash-attn")
+                   help="kernel set: reference (exact), sdpa, triton (fused kernels), flash-attn, "
+                        "triton-int8attn (8-bit attention, approximate)")
     p.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final video/audio latents as safetensors")
     p.add_argument("--no-progress", dest="progress", action="store_false")

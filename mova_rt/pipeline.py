@@ -153,7 +153,8 @@ class MovaPipeline:
             towers = {name: modules[name] for name in quantize.COMPONENTS}
             weights = quantize.load(fp8_weights, path) if fp8_weights else None
             # --kernels triton: mova-rt's fp8 GEMMs with fused epilogues; otherwise cuBLASLt
-            quantize.apply(towers, weights, gemm="triton" if kernels == "triton" else "scaled_mm")
+            gemm = "triton" if kernels.startswith("triton") else "scaled_mm"
+            quantize.apply(towers, weights, gemm=gemm)
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision
         if offload == "group":
