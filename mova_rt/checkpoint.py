@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import MovaConfig, preset_config
 from .errors import MovaInputError
+from .files import new_folder
 from .models.audio_dit import AudioDiT
 from .models.audio_vae import DacVAE
 from .models.bridge import Bridge
@@ -92,20 +91,8 @@ def _write_component(folder: str, name: str, state: dict):
 
 def write_checkpoint(cfg: MovaConfig, out: str, seed: int = 0):
     """Writes the checkpoint for `cfg` to `out` (a new folder), atomically."""
-    if os.path.exists(out):
-        raise MovaInputError(f"{out} already exists: choose a new --out folder or remove it")
-    parent = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".mova-ckpt-", dir=parent)
-    except OSError as e:
-        raise MovaInputError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
-    try:
+    with new_folder(out, ".mova-ckpt-") as tmp:
         _fill(cfg, tmp, seed)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fill(cfg: MovaConfig, root: str, seed: int):

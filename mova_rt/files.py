@@ -5,7 +5,9 @@ Standard library only, so every command (the benchmark on a bare GPU machine too
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 
 from .errors import MovaInputError
@@ -65,3 +67,25 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+@contextlib.contextmanager
+def new_folder(out: str, prefix: str):
+    """Yields a temporary folder next to `out` to fill; renamed to `out` when the block ends,
+    removed if it raises. `out` must not exist yet (MovaInputError otherwise, or when its parent
+    cannot be written)."""
+    if os.path.exists(out):
+        raise MovaInputError(f"{out} already exists: choose a new --out folder or remove it")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise MovaInputError(f"cannot create {out} ({reason_of(e)}): choose a writable --out") \
+            from None
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

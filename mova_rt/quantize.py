@@ -31,8 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -224,15 +222,8 @@ def save(weights, ckpt: str, out: str) -> None:
     """Writes fp8 weights to the new folder `out`, atomically. weights: {component: {layer:
     (w_q, w_scale)}} (from `apply`) or an iterable of (component, layers) pairs, consumed one
     component at a time (quantize_checkpoint)."""
-    if os.path.exists(out):
-        raise MovaInputError(f"{out} already exists: choose a new --out folder or remove it")
-    parent = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".mova-fp8-", dir=parent)
-    except OSError as e:
-        raise MovaInputError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
-    try:
+    from .files import new_folder
+    with new_folder(out, ".mova-fp8-") as tmp:
         manifest = {"format": FORMAT, "scheme": SCHEME, "source": os.path.abspath(ckpt),
                     "source_digest": source_digest(ckpt), "components": {}}
         pairs = weights.items() if isinstance(weights, dict) else weights
@@ -247,10 +238,6 @@ def save(weights, ckpt: str, out: str) -> None:
                 "file": fname, "layers": {n: list(w.shape) for n, (w, _) in layers.items()}}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(path: str, ckpt: str, device="cpu") -> dict:

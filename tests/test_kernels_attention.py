@@ -5,15 +5,12 @@ exact PyTorch composition, the compile check for real GPUs, and the whole tiny m
 Tolerance (style.md 6): err(kernel, fp32 truth) <= 2 * err(torch bf16, fp32 truth) + 1e-3, where
 the truth runs the eager steps (bf16 norm and RoPE roundings included) with fp32 attention, and
 "torch bf16" is PyTorch's own bf16 SDPA on the same inputs."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import triton_compile_report
 from mova_rt.ops import (apply_rope_rotate_half, resolve, rms_norm_heads, rope_interleaved_f64)
 from mova_rt.rope import InterleavedRope, RotateHalfRope
 
@@ -146,13 +143,7 @@ def test_bad_input_is_refused():
 def compiled():
     """Every COMPILE_CASES entry built for sm_90 and sm_89, in a fresh process without
     TRITON_INTERPRET (under it @triton.jit yields interpreter functions)."""
-    code = ("import json; from mova_rt.kernels._triton import compile_report; "
-            "print(json.dumps(compile_report('mova_rt.kernels.attention', [90, 89])))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_compile_report('mova_rt.kernels.attention')
 
 
 def test_compiles_for_sm90_every_config_fits_and_uses_wgmma(compiled):

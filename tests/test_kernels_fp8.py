@@ -1,14 +1,12 @@
 """The fp8 GEMM kernel (kernels/fp8_gemm.py) through the Triton interpreter against its PyTorch
 reference, on awkward shapes (M, N, K not multiples of the tiles), every epilogue, both kinds of
 activation scales; and its compile for sm_90 / sm_89."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import triton_compile_report
 
 fp8 = pytest.importorskip("mova_rt.kernels.fp8_gemm")
 from mova_rt.quantize import quantize_rows  # noqa: E402
@@ -103,13 +101,7 @@ def test_bad_operands_are_refused():
 
 @pytest.fixture(scope="module")
 def compiled():
-    code = ("import json; from mova_rt.kernels._triton import compile_report; "
-            "print(json.dumps(compile_report('mova_rt.kernels.fp8_gemm', [90, 89])))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_compile_report('mova_rt.kernels.fp8_gemm')
 
 
 def test_compiles_for_sm90_and_sm89_within_shared_memory(compiled):

@@ -1,14 +1,12 @@
 """8-bit attention (kernels/attention_int8.py) through the Triton interpreter: against its own
 quantization reference, against fp32 attention next to bf16's own error, the smoothing's effect,
 the per-layer error in the tiny model, and the compile for sm_90 / sm_89."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import triton_compile_report
 
 att8 = pytest.importorskip("mova_rt.kernels.attention_int8")
 BF16 = torch.bfloat16
@@ -95,13 +93,7 @@ def test_per_layer_error_in_the_tiny_model(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def compiled():
-    code = ("import json; from mova_rt.kernels._triton import compile_report; "
-            "print(json.dumps(compile_report('mova_rt.kernels.attention_int8', [90, 89])))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_compile_report('mova_rt.kernels.attention_int8')
 
 
 def test_compiles_for_sm90_and_sm89_within_shared_memory(compiled):
