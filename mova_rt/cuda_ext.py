@@ -7,6 +7,8 @@ and are registered as torch.library custom ops so they compose with torch.compil
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -17,8 +19,9 @@ except ImportError:      # not built (no cmake / pybind11 at install time): fall
 FP8 = torch.float8_e4m3fn
 
 
+@functools.cache
 def available() -> bool:
-    """True when the extension has its CUDA kernels and a GPU is present."""
+    """True when the extension has its CUDA kernels and a GPU is present (asked once)."""
     return _C is not None and getattr(_C, "has_cuda", False) and torch.cuda.is_available()
 
 
@@ -41,12 +44,17 @@ def _(x):
     return (x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[:1], dtype=torch.float32))
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernel quantizes x: bf16 [M, K] on a GPU, contiguous rows, kernel built."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
+            and available())
+
+
 def quantize_rows(x: torch.Tensor) -> tuple:
-    """Per-row e4m3 quantization (mova_rt.quantize.quantize_rows): the CUDA kernel for a bf16
-    [M, K] CUDA tensor with contiguous rows when the extension has it, else the reference (the
-    two are bit-identical: the same fp32 division and rounding)."""
-    if (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
-            and available()):
+    """Per-row e4m3 quantization (mova_rt.quantize.quantize_rows): the CUDA kernel where it
+    `takes` x, else the reference (the two are bit-identical: the same fp32 division and
+    rounding). The model's layers call mova_rt.quantize.quantize_activations instead."""
+    if takes(x):
         return _quantize_rows_cuda(x)
     from .quantize import quantize_rows as reference
     return reference(x)

@@ -37,6 +37,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import cuda_ext
 from .errors import MovaInputError
 
 FP8 = torch.float8_e4m3fn
@@ -64,8 +65,7 @@ def quantize_rows(x: torch.Tensor) -> tuple:
 def quantize_activations(x: torch.Tensor) -> tuple:
     """quantize_rows for activations [M, K]: the CUDA C++ kernel of mova_rt._C on GPUs when
     built (bit-identical, one fused pass), else the PyTorch reference."""
-    from .cuda_ext import quantize_rows as fused
-    return fused(x)
+    return cuda_ext._quantize_rows_cuda(x) if cuda_ext.takes(x) else quantize_rows(x)
 
 
 def fp8_linear_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype):
@@ -88,9 +88,21 @@ def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 
 def fp8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-    """mova-rt's Triton fp8 GEMM (kernels/fp8_gemm.py), bias epilogue."""
+    """mova-rt's Triton fp8 GEMM (kernels/fp8_gemm.py), bias epilogue. Fp8Linear binds the
+    kernel itself when built (Triton is imported only for this backend)."""
     from .kernels.fp8_gemm import fp8_gemm
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
+
+
+def _bound_gemm(name: str):
+    """The GEMMS backend `name`, with the Triton kernel imported once here, not per call."""
+    if name != "triton":
+        return GEMMS[name]
+    from .kernels.fp8_gemm import fp8_gemm
+
+    def triton_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+        return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
+    return triton_gemm
 
 
 GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm,
@@ -109,7 +121,7 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(w_q, requires_grad=False)
         self.weight_scale = nn.Parameter(w_scale.float(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.gemm = GEMMS[gemm]
+        self.gemm = _bound_gemm(gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -129,17 +141,18 @@ class Fp8FFN(nn.Module):
 
     def __init__(self, up: Fp8Linear, down: Fp8Linear):
         super().__init__()
+        from .kernels import fp8_gemm        # Triton: imported when the fused path is built
         self.add_module("0", up)
         self.add_module("2", down)
+        self._gemm, self._gelu_fp8 = fp8_gemm.fp8_gemm, fp8_gemm.EPI_GELU_FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.fp8_gemm import EPI_GELU_FP8, fp8_gemm
         up, down = self._modules["0"], self._modules["2"]
         lead = x.shape[:-1]
         x_q, x_scale = quantize_activations(x.reshape(-1, up.in_features))
-        h_q, h_scale = fp8_gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
-                                epilogue=EPI_GELU_FP8)                      # e4m3 [M, F]
-        y = fp8_gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
+        h_q, h_scale = self._gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
+                                  epilogue=self._gelu_fp8)                   # e4m3 [M, F]
+        y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
         return y.view(*lead, down.out_features)
 
 
