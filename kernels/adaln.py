@@ -12,6 +12,10 @@ contiguous [B, L, D] tensors in x's dtype.
     layernorm_affine:    out = round((x - mean) * rstd * weight + bias)  (one rounding)
     gated_residual_layernorm_affine: x_new = gated_residual(x, gate, y) (gate None: round(x + y)),
                          normed = layernorm_affine(x_new); one pass, returns (x_new, normed).
+    layernorm_modulate_fp8, layernorm_affine_fp8 (bf16 only): the same rows quantized for the fp8
+                         GEMMs that consume them (mova_rt/quantize.py): e4m3 [B, L, D] and one
+                         fp32 scale per token [B, L], s = max|row| / 448, q = e4m3(row / s); the
+                         bf16 rows never reach memory (no separate quantization pass).
 
 with mean = sum(x) / D, var = sum((x - mean)^2) / D, rstd = 1 / sqrt(var + eps), all in fp32.
 Each kernel rounds to x.dtype exactly where the eager PyTorch code (the `*_ref` functions) does,
@@ -28,9 +32,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, round_bf16
+from ._triton import INTERPRET, round_bf16, round_e4m3
 
 DTYPES = (torch.bfloat16, torch.float32)
+FP8 = torch.float8_e4m3fn
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,6 +44,17 @@ DTYPES = (torch.bfloat16, torch.float32)
 def layernorm_modulate_ref(x, shift, scale, eps: float):
     n = F.layer_norm(x, (x.shape[-1],), eps=eps)
     return (n.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def layernorm_modulate_fp8_ref(x, shift, scale, eps: float):
+    """The bf16 result quantized per token: quantize_rows (e4m3, scale amax / 448) of it."""
+    from ..quantize import quantize_rows
+    return quantize_rows(layernorm_modulate_ref(x, shift, scale, eps))
+
+
+def layernorm_affine_fp8_ref(x, weight, bias, eps: float):
+    from ..quantize import quantize_rows
+    return quantize_rows(layernorm_affine_ref(x, weight, bias, eps))
 
 
 def gated_residual_ref(x, gate, y):
@@ -112,20 +128,52 @@ def _normalize(x, mask, D, eps):
 
 
 @triton.jit
+def _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb, stride_xl, stride_shb,
+                         stride_scb, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows of round(LN(x) * (1 + scale) + shift) (fp32 holding x.dtype values)."""
+    row, cols, mask = _block(n_rows, D, ROWS, BLOCK_D)
+    b = row // L
+    DTYPE: tl.constexpr = X.dtype.element_ty
+    x = tl.load(X + b * stride_xb + (row % L) * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + b * stride_shb + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * stride_scb + cols, mask=mask, other=0.0).to(tl.float32)
+    n = _round(_normalize(x, mask, D, eps), DTYPE)   # F.layer_norm rounds once
+    return row, cols, mask, _round(n * (1.0 + scale) + shift, DTYPE)
+
+
+@triton.jit
 def _layernorm_modulate_kernel(
         X, SHIFT, SCALE, OUT,                                       # pointers
         n_rows, L, D,                                               # sizes
         stride_xb, stride_xl, stride_shb, stride_scb,               # strides (last dim: 1)
         eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
-    row, cols, mask = _block(n_rows, D, ROWS, BLOCK_D)
-    b = row // L
-    DTYPE: tl.constexpr = OUT.dtype.element_ty
-    x = tl.load(X + b * stride_xb + (row % L) * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + b * stride_shb + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * stride_scb + cols, mask=mask, other=0.0).to(tl.float32)
-    n = _round(_normalize(x, mask, D, eps), DTYPE)   # F.layer_norm rounds once
-    out = _round(n * (1.0 + scale) + shift, DTYPE)
-    tl.store(OUT + row * D + cols, out.to(DTYPE), mask=mask)
+    row, cols, mask, out = _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb,
+                                                stride_xl, stride_shb, stride_scb, eps, ROWS,
+                                                BLOCK_D)
+    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows_e4m3(OUT, S, row, cols, mask, v, n_rows, D):
+    """Rows v (fp32 holding the activation dtype's values) as e4m3 with one fp32 scale per row,
+    amax / 448: quantize_rows of mova_rt/quantize.py, IEEE divisions and all."""
+    amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1, keep_dims=True)       # [ROWS, 1]
+    s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+    q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, s + tl.zeros_like(v)), -448.0), 448.0))
+    tl.store(OUT + row * D + cols, q.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(S + row, s, mask=row < n_rows)
+
+
+@triton.jit
+def _layernorm_modulate_fp8_kernel(
+        X, SHIFT, SCALE, OUT, S,                                    # pointers
+        n_rows, L, D,                                               # sizes
+        stride_xb, stride_xl, stride_shb, stride_scb,               # strides (last dim: 1)
+        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
+    row, cols, mask, out = _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb,
+                                                stride_xl, stride_shb, stride_scb, eps, ROWS,
+                                                BLOCK_D)
+    _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
 
 
 @triton.jit
@@ -145,19 +193,37 @@ def _gated_residual_kernel(
 
 
 @triton.jit
+def _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps, ROWS: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """This program's rows of round(LN(x) * weight + bias) (fp32 holding x.dtype values)."""
+    row, cols, mask = _block(n_rows, D, ROWS, BLOCK_D)
+    x = tl.load(X + (row // L) * stride_xb + (row % L) * stride_xl + cols, mask=mask,
+                other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    bias = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return row, cols, mask, _round(_normalize(x, mask, D, eps) * w + bias, X.dtype.element_ty)
+
+
+@triton.jit
 def _layernorm_affine_kernel(
         X, W, B, OUT,                                               # pointers
         n_rows, L, D,                                               # sizes
         stride_xb, stride_xl,                                       # strides (last dim: 1)
         eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
-    row, cols, mask = _block(n_rows, D, ROWS, BLOCK_D)
-    DTYPE: tl.constexpr = OUT.dtype.element_ty
-    x = tl.load(X + (row // L) * stride_xb + (row % L) * stride_xl + cols, mask=mask,
-                other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-    bias = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
-    out = _round(_normalize(x, mask, D, eps) * w + bias, DTYPE)
-    tl.store(OUT + row * D + cols, out.to(DTYPE), mask=mask)
+    row, cols, mask, out = _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps,
+                                              ROWS, BLOCK_D)
+    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layernorm_affine_fp8_kernel(
+        X, W, B, OUT, S,                                            # pointers
+        n_rows, L, D,                                               # sizes
+        stride_xb, stride_xl,                                       # strides (last dim: 1)
+        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
+    row, cols, mask, out = _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps,
+                                              ROWS, BLOCK_D)
+    _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
 
 
 @triton.jit
@@ -261,6 +327,43 @@ def layernorm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return out
 
 
+def _empty_fp8(x: torch.Tensor) -> tuple:
+    b, l, d = x.shape
+    return (torch.empty((b, l, d), dtype=FP8, device=x.device),
+            torch.empty((b, l), dtype=torch.float32, device=x.device))
+
+
+def _bf16_only(name: str, x: torch.Tensor) -> None:
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"{name}: the fp8 path runs on bf16 activations, got {x.dtype}")
+
+
+@torch.library.custom_op("mova_rt::layernorm_modulate_fp8", mutates_args=())
+def layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    name = "layernorm_modulate_fp8"
+    _check_rows(name, x)
+    _bf16_only(name, x)
+    shift = _per_batch(name, x, shift, "shift")
+    scale = _per_batch(name, x, scale, "scale")
+    q, s = _empty_fp8(x)
+    _launch(_layernorm_modulate_fp8_kernel, x, x, shift, scale, q, s,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps)
+    return q, s
+
+
+@torch.library.custom_op("mova_rt::layernorm_affine_fp8", mutates_args=())
+def layernorm_affine_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    name = "layernorm_affine_fp8"
+    _check_rows(name, x)
+    _bf16_only(name, x)
+    _affine(name, x, weight, bias)
+    q, s = _empty_fp8(x)
+    _launch(_layernorm_affine_fp8_kernel, x, x, weight, bias, q, s, x.stride(0), x.stride(1), eps)
+    return q, s
+
+
 @torch.library.custom_op("mova_rt::gated_residual_layernorm_affine", mutates_args=())
 def gated_residual_layernorm_affine(x: torch.Tensor, gate: Optional[torch.Tensor], y: torch.Tensor,
                                     weight: torch.Tensor, bias: torch.Tensor,
@@ -288,15 +391,24 @@ def _(x, *args):
     return _empty(x), _empty(x)
 
 
+@layernorm_modulate_fp8.register_fake
+@layernorm_affine_fp8.register_fake
+def _(x, *args):
+    return _empty_fp8(x)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Ahead-of-time compile cases at MOVA's real widths (video 5120, audio 1536), bf16
 # --------------------------------------------------------------------------------------------
-def _case(kernel, n_ptrs: int, n_strides: int, d: int, eps: bool = True, **extra) -> dict:
-    """compile_for arguments for `kernel` at width d, bf16, with the launch config of a GPU."""
+def _case(kernel, n_ptrs: int, n_strides: int, d: int, eps: bool = True, fp8: bool = False,
+          **extra) -> dict:
+    """compile_for arguments for `kernel` at width d, bf16, with the launch config of a GPU.
+    fp8: the last two pointers are the e4m3 output and its fp32 row scales."""
     config = _config(d, interpret=False)
     num_warps = config.pop("num_warps")
     constexprs = {**extra, **config}
-    types = ["*bf16"] * n_ptrs + ["i32"] * (3 + n_strides) + ["fp32"] * eps
+    ptrs = ["*bf16"] * (n_ptrs - 2) + ["*fp8e4nv", "*fp32"] if fp8 else ["*bf16"] * n_ptrs
+    types = ptrs + ["i32"] * (3 + n_strides) + ["fp32"] * eps
     signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(constexprs)))
     return dict(name=f"{kernel.fn.__name__}[D={d}{''.join(f',{k}={v}' for k, v in extra.items())}]",
                 kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps)
@@ -306,6 +418,8 @@ COMPILE_CASES = [case for d in (5120, 1536) for case in (
     _case(_layernorm_modulate_kernel, 4, 4, d),
     _case(_gated_residual_kernel, 4, 5, d, eps=False),
     _case(_layernorm_affine_kernel, 4, 2, d),
+    _case(_layernorm_modulate_fp8_kernel, 5, 4, d, fp8=True),
+    _case(_layernorm_affine_fp8_kernel, 5, 2, d, fp8=True),
     _case(_gated_residual_layernorm_affine_kernel, 7, 5, d, HAS_GATE=True),
     _case(_gated_residual_layernorm_affine_kernel, 7, 5, d, HAS_GATE=False),
 )]

@@ -13,7 +13,8 @@ scales s_b [N]; bias [N] in the output dtype or none. Epilogues:
                        out = e4m3(h / s)                                   [M, N]: FFN-up feeds
                        FFN-down with no separate quantization pass over the 13,824-wide hidden
     EPI_GATE_RESIDUAL  out = round(res + round(gate[row // TOKENS] * round(y)))
-                       (a DiT block's output projection + gated residual: eager bf16 roundings)
+                       (a DiT block's output projection + gated residual: eager bf16 roundings;
+                       no gate: round(res + round(y)), the plain residual of cross-attention)
 
 round = fp32 -> bf16 (round_bf16: round to nearest even by bit arithmetic, see _triton.py); the
 e4m3 values are rounded the same way (round_e4m3) before the cast. With
@@ -72,6 +73,8 @@ def fp8_gemm_ref(a_q, a_scale, b_q, b_scale, bias=None, epilogue=EPI_BIAS, res=N
         return y
     if epilogue == EPI_GELU_FP8:
         return quantize_groups_ref(F.gelu(y, approximate="tanh"))
+    if gate is None:
+        return res + y
     g = gate.repeat_interleave(tokens, dim=0)[:y.shape[0]]          # [M, N]
     return res + g * y
 
@@ -123,11 +126,13 @@ def _fp8_gemm_kernel(
         # tanh(u) = 2 sigmoid(2u) - 1; |u| > 10 saturates tanh in fp32, clamped so exp stays finite
         inner = tl.minimum(tl.maximum(0.7978845608028654 * (y + 0.044715 * y * y * y), -10.0), 10.0)
         h = round_bf16(0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0)))
-        amax = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=1)               # [BLOCK_M]
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = round_e4m3(tl.minimum(tl.maximum(h / s[:, None], -448.0), 448.0))
+        # IEEE divisions (a plain `/` is the approximate div.full on GPUs), as quantize_rows
+        amax = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=1, keep_dims=True)  # [BLOCK_M, 1]
+        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(h, s + tl.zeros_like(h)), -448.0),
+                                  448.0))
         tl.store(out_ptr + out_offs, q.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(so_ptr + rm * stride_som + pid_n, s, mask=mask_m)
+        tl.store(so_ptr + rm[:, None] * stride_som + pid_n, s, mask=mask_m[:, None])
     else:
         batch = rm // TOKENS
         g = tl.load(gate_ptr + batch[:, None] * stride_gb + rn[None, :], mask=mask,
@@ -164,8 +169,8 @@ def _check(a_q, a_scale, b_q, b_scale):
 def fp8_gemm(a_q, a_scale, b_q, b_scale, bias=None, epilogue=EPI_BIAS, res=None, gate=None,
              tokens: int = 1, out_dtype=torch.bfloat16):
     """See the module docstring. Returns out [M, N] (out_dtype), or for EPI_GELU_FP8
-    (out e4m3 [M, N], scales fp32 [M, N/128]). gate [B, N] with B = ceil(M / tokens); res
-    [M, N] in out_dtype."""
+    (out e4m3 [M, N], scales fp32 [M, N/128]). EPI_GATE_RESIDUAL: res [M, N] in out_dtype and
+    gate [B, N] with B = ceil(M / tokens) (rows of one batch element share its gate), or None."""
     m, n, k, grouped = _check(a_q, a_scale, b_q, b_scale)
     dev = a_q.device
     fp8_out = epilogue == EPI_GELU_FP8
@@ -173,8 +178,13 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, bias=None, epilogue=EPI_BIAS, res=None,
     so = torch.empty((m, triton.cdiv(n, GROUP)), dtype=torch.float32, device=dev) if fp8_out \
         else out
     if epilogue == EPI_GATE_RESIDUAL:
-        if res is None or gate is None or res.shape != (m, n) or gate.shape[-1] != n:
-            raise ValueError("EPI_GATE_RESIDUAL needs res [M, N] and gate [B, N]")
+        if gate is None:           # a plain residual: res + 1 * round(y) == eager res + y
+            gate, tokens = torch.ones((1, n), dtype=out_dtype, device=dev), max(m, 1)
+        if res is None or res.shape != (m, n) or gate.shape[-1] != n or \
+                gate.numel() // n != triton.cdiv(m, tokens):
+            raise ValueError(f"EPI_GATE_RESIDUAL needs res [M, N] = [{m}, {n}] and gate "
+                             f"[ceil(M / tokens), N], got {None if res is None else tuple(res.shape)}"
+                             f" and {tuple(gate.shape)} with tokens={tokens}")
         res, gate = res.contiguous(), gate.reshape(-1, n).contiguous()
     else:
         res = gate = out

@@ -155,6 +155,22 @@ class Fp8FFN(nn.Module):
         y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
         return y.view(*lead, down.out_features)
 
+    def fused(self, h: tuple, res: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """res + gate * FFN(h) for h already quantized, (e4m3 [B, L, K], scales [B, L]) from a
+        norm kernel; the gated residual in the down GEMM's epilogue (mova_rt/fp8_block.py).
+        gate [B or 1, 1, N] or None; res [B, L, N]."""
+        from .kernels.fp8_gemm import EPI_GATE_RESIDUAL
+        up, down = self._modules["0"], self._modules["2"]
+        x_q, x_s = h
+        b, l, _ = x_q.shape
+        h_q, h_scale = self._gemm(x_q.reshape(b * l, -1), x_s.reshape(b * l), up.weight,
+                                  up.weight_scale, up.bias, epilogue=self._gelu_fp8)
+        g = None if gate is None else gate.expand(b, 1, -1).reshape(b, -1)
+        y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias,
+                       epilogue=EPI_GATE_RESIDUAL, res=res.reshape(b * l, -1), gate=g, tokens=l,
+                       out_dtype=res.dtype)
+        return y.view(b, l, -1)
+
 
 def _fuse_ffns(module: nn.Module) -> None:
     """Sequential(Fp8Linear, GELU(tanh), Fp8Linear) -> Fp8FFN, everywhere in `module`."""
@@ -191,8 +207,9 @@ def quantize_component(component: str, module: nn.Module) -> dict:
 def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -> dict:
     """Swaps the quantizable Linear layers of modules {component: module} for Fp8Linear, in place.
     weights: {component: {layer: (w_q, w_scale)}} from `load`; None quantizes the modules' own
-    weights (on load). gemm: a GEMMS backend; "triton" also fuses each FFN (Fp8FFN). Returns the
-    weights used (for `save`)."""
+    weights (on load). gemm: a GEMMS backend; "triton" also fuses each FFN (Fp8FFN) and each DiT
+    block's activation quantization and residuals (mova_rt/fp8_block.py). Returns the weights
+    used (for `save`)."""
     if gemm not in GEMMS:
         raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose {', '.join(GEMMS)}")
     used = {}
@@ -217,7 +234,9 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -
             _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, gemm))
             used[component][name] = (w_q, w_scale)
         if gemm == "triton":
+            from . import fp8_block
             _fuse_ffns(module)
+            fp8_block.fuse(module)
     return used
 
 

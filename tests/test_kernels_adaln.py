@@ -182,11 +182,47 @@ print(json.dumps(out))
 """
 
 
+FP8_SHAPES = [(1, 403, 64), (2, 7, 97), (2, 7, 1536), (1, 64, 5120)]
+
+
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp8_producers_match_quantize_rows_of_the_bf16_norms(shape):
+    """layernorm_modulate_fp8 / layernorm_affine_fp8: the bf16 kernels' rows quantized per token
+    as quantize_rows does. Bit-identical e4m3 codes and scales except where the bf16 row already
+    differs from the eager one by an ulp (fp32 summation order, <= 1e-3 of elements)."""
+    i = _inputs(*shape, torch.bfloat16)
+    cases = (("layernorm_modulate_fp8", adaln.layernorm_modulate_fp8(i["x"], i["shift"], i["scale"], EPS),
+              adaln.layernorm_modulate_fp8_ref(i["x"], i["shift"], i["scale"], EPS)),
+             ("layernorm_affine_fp8", adaln.layernorm_affine_fp8(i["x"], i["weight"], i["bias"], EPS),
+              adaln.layernorm_affine_fp8_ref(i["x"], i["weight"], i["bias"], EPS)))
+    for name, (q, s), (rq, rs) in cases:
+        assert q.dtype == torch.float8_e4m3fn and q.shape == shape and s.shape == shape[:2]
+        assert s.dtype == torch.float32
+        codes = (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean().item()
+        scales = ((s - rs).abs() / rs).max().item()
+        print(f"{name} {shape}: {codes:.2e} of codes and scales by {scales:.2e} differ")
+        assert codes <= MAX_MISMATCH_FRACTION and scales <= 2 ** -8
+        # and the dequantized rows are e4m3-close to the bf16 ones (half an e4m3 step: 2^-4)
+        deq = q.float() * s[..., None]
+        ref = adaln.layernorm_modulate_ref(i["x"], i["shift"], i["scale"], EPS) if "modulate" in name \
+            else adaln.layernorm_affine_ref(i["x"], i["weight"], i["bias"], EPS)
+        floor = 2 ** -9 * s[..., None]          # e4m3 subnormal spacing at this row's scale
+        assert ((deq - ref.float()).abs() <= 2 ** -4 * ref.float().abs() + floor + 1e-7).all()
+
+
+def test_fp8_producers_refuse_other_dtypes():
+    i = _inputs(1, 5, 64, torch.float32)
+    with pytest.raises(ValueError, match="bf16 activations"):
+        adaln.layernorm_modulate_fp8(i["x"], i["shift"], i["scale"], EPS)
+    with pytest.raises(ValueError, match="bf16 activations"):
+        adaln.layernorm_affine_fp8(i["x"], i["weight"], i["bias"], EPS)
+
+
 def test_kernels_compile_for_sm90_and_sm89():
     from mova_rt.kernels._triton import SHARED_MEMORY_LIMIT
 
     names = {c["name"] for c in adaln.COMPILE_CASES}
-    assert len(names) == 10 and any("5120" in n for n in names) and any("1536" in n for n in names)
+    assert len(names) == 14 and any("5120" in n for n in names) and any("1536" in n for n in names)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)

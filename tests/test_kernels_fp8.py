@@ -67,8 +67,9 @@ def test_gelu_fp8_epilogue_feeds_a_grouped_gemm():
     assert rel < 0.06, rel
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_gate_residual_epilogue(grouped):
+@pytest.mark.parametrize("grouped,gated", [(False, True), (True, True), (False, False)],
+                         ids=["row-scales", "group-scales", "no-gate"])
+def test_gate_residual_epilogue(grouped, gated):
     m, n, k, tokens = 45, 200, 256, 15            # 3 batch rows of 15 tokens
     (aq, sa), (bq, sb), bias = _operands(m, n, k, seed=3)
     if grouped:                                    # the same values, scales per 128 columns
@@ -76,6 +77,14 @@ def test_gate_residual_epilogue(grouped):
     g = torch.Generator().manual_seed(4)
     res = torch.randn(m, n, generator=g).to(BF16)
     gate = torch.randn(3, n, generator=g).to(BF16)
+    if not gated:          # the plain residual of cross-attention: res + y, as with a gate of 1
+        got = fp8.fp8_gemm(aq, sa, bq, sb, bias, epilogue=fp8.EPI_GATE_RESIDUAL, res=res)
+        want = res + fp8.fp8_gemm_ref(aq, sa, bq, sb, bias)
+        assert torch.equal(fp8.fp8_gemm_ref(aq, sa, bq, sb, bias, epilogue=fp8.EPI_GATE_RESIDUAL,
+                                            res=res), want)
+        err = (got.float() - want.float()).abs()
+        assert (err <= 2 * BF16_ULP * want.float().abs() + 1e-6).all(), f"max {err.max():.3g}"
+        return
     got = fp8.fp8_gemm(aq, sa, bq, sb, bias, epilogue=fp8.EPI_GATE_RESIDUAL, res=res, gate=gate,
                        tokens=tokens)
     want = fp8.fp8_gemm_ref(aq, sa, bq, sb, bias, epilogue=fp8.EPI_GATE_RESIDUAL, res=res,

@@ -208,8 +208,8 @@ def test_modelopt_calibration_gives_static_scales():
 
 def test_triton_fp8_path_fuses_the_ffn_and_holds_the_error_bound(tiny_ckpt):
     """--kernels triton --precision fp8: the Triton fp8 GEMMs (interpreter here), the FFN fused
-    (GELU -> e4m3 in the up GEMM's epilogue); per-forward error against bf16 as the cuBLAS path
-    (measured 3.5% / 3.0%)."""
+    (GELU -> e4m3 in the up GEMM's epilogue), the blocks fused (norms emit e4m3, residuals in
+    the epilogues); per-forward error against bf16 as the cuBLAS path (measured 3.5% / 3.0%)."""
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
     v, a, text = (torch.randn(2, 36, 5, 8, 12, generator=g), torch.randn(2, 16, 36, generator=g),
@@ -218,9 +218,47 @@ def test_triton_fp8_path_fuses_the_ffn_and_holds_the_error_bound(tiny_ckpt):
     fp8 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8", kernels="triton")
     assert isinstance(fp8.video_dit.blocks[0].ffn, quantize.Fp8FFN)
     assert isinstance(fp8.audio_dit.blocks[1].ffn, quantize.Fp8FFN)
+    from mova_rt.fp8_block import Fp8DiTBlock      # producers quantize, epilogues add residuals
+    assert all(type(b) is Fp8DiTBlock for d in (fp8.video_dit, fp8.audio_dit) for b in d.blocks)
     bf16 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
     got = fp8._forward(fp8.video_dit, v, a, text, t, 24.0)
     ref = bf16._forward(bf16.video_dit, v, a, text, t, 24.0)
     errs = [_rel(x, y) for x, y in zip(got, ref)]
     print(f"triton fp8 vs bf16 per forward: video {errs[0]:.4f}, audio {errs[1]:.4f}")
     assert all(0 < e < 0.06 for e in errs)
+
+
+def test_fused_fp8_block_equals_the_unfused_fp8_block():
+    """mova_rt/fp8_block.py: the norms writing e4m3 + per-token scales and the residuals in the
+    GEMM epilogues give the same block output as Fp8Linear after the bf16 norm kernels, on the
+    same weights: batch 2 with a shared (batch-1) modulation, 37 tokens (ragged GEMM tiles)."""
+    pytest.importorskip("triton")
+    from mova_rt import fp8_block
+    from mova_rt.models.video_dit import DiTBlock
+    from mova_rt.ops import resolve
+    from mova_rt.rope import InterleavedRope
+
+    torch.manual_seed(0)
+    ops = resolve("triton")
+    dim, heads, ffn, length = 64, 2, 160, 37
+    tower = nn.Module()
+    tower.blocks = nn.ModuleList([DiTBlock(dim, heads, ffn, 1e-6, ops)])
+    for p in tower.parameters():
+        nn.init.normal_(p, std=0.2)
+    tower = tower.to(torch.bfloat16)
+    quantize.apply({"audio_dit": tower}, gemm="triton")
+    block = tower.blocks[0]
+    assert type(block) is fp8_block.Fp8DiTBlock and isinstance(block.ffn, quantize.Fp8FFN)
+    x = torch.randn(2, length, dim).to(torch.bfloat16)
+    text_kv = block.cross_attn.kv(torch.randn(2, 512, dim).to(torch.bfloat16))
+    t_mod = (0.3 * torch.randn(1, 6, dim)).to(torch.bfloat16)
+    rope = InterleavedRope.audio(dim // heads, length, "cpu")
+    fused = block(x, text_kv, t_mod, rope)
+    block.__class__ = DiTBlock
+    unfused = block(x, text_kv, t_mod, rope)
+    assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
+    assert torch.isfinite(fused).all() and not torch.equal(fused, x)
+    # the same numerics by construction; allow a last-bit flip where two fp32 sums differ
+    diff = (fused != unfused).float().mean().item()
+    print(f"fused vs unfused fp8 block: {diff:.2e} of elements differ, rel {_rel(fused, unfused):.2e}")
+    assert diff <= 1e-3 and _rel(fused, unfused) < 1e-3
