@@ -285,20 +285,11 @@ def combine_splits(op: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None,
-                    splits: int | None = None) -> torch.Tensor:
-    """See the module docstring. q_rope/k_rope: InterleavedRope for both, RotateHalfRope (or None)
-    for each side, or both None. splits: key splits (None: chosen to fill the GPU)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(name, t, 4)
-    bsz, lq, heads, dh = q.shape
-    lk = k.shape[1]
-    if k.shape != (bsz, lk, heads, dh) or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
-        raise ValueError("q, k, v must be bf16 (the kernel reproduces bf16 rounding)")
-    if dh not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {dh} is not supported (16, 32, 64 or 128)")
+def rope_arguments(q: torch.Tensor, k: torch.Tensor, q_rope, k_rope) -> tuple:
+    """The kernels' RoPE arguments for q [B, Lq, H, D] and k [B, Lk, H, D]: (rope kind, q tables
+    (a, b), q geometry [5], k tables, k geometry, inv_freq or None, round_table). Tables are None
+    without RoPE. Raises ValueError for a description that does not fit."""
+    lq, dh, lk = q.shape[1], q.shape[3], k.shape[1]
     kinds = {type(r) for r in (q_rope, k_rope) if r is not None}
     if len(kinds) > 1 or (InterleavedRope in kinds and (q_rope is None or k_rope is None)):
         raise ValueError("q and k RoPE must be of one kind (interleaved: on both sides)")
@@ -323,10 +314,28 @@ def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k
     inv = inv_q if inv_q is not None else inv_k
     round_table = rope == ROPE_ROTATE_HALF and next(
         r for r in (q_rope, k_rope) if r is not None).table_dtype == torch.bfloat16
-    if splits is None:
-        splits = 1 if INTERPRET else split_count(bsz * heads, lq, lk, _sm_count(q.device))
     if rope == ROPE_NONE:
         qa = qb = ka = kb = None
+    return rope, qa, qb, qg, ka, kb, kg, inv, round_table
+
+
+def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None,
+                    splits: int | None = None) -> torch.Tensor:
+    """See the module docstring. q_rope/k_rope: InterleavedRope for both, RotateHalfRope (or None)
+    for each side, or both None. splits: key splits (None: chosen to fill the GPU)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(name, t, 4)
+    bsz, lq, heads, dh = q.shape
+    lk = k.shape[1]
+    if k.shape != (bsz, lk, heads, dh) or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        raise ValueError("q, k, v must be bf16 (the kernel reproduces bf16 rounding)")
+    if dh not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {dh} is not supported (16, 32, 64 or 128)")
+    rope, qa, qb, qg, ka, kb, kg, inv, round_table = rope_arguments(q, k, q_rope, k_rope)
+    if splits is None:
+        splits = 1 if INTERPRET else split_count(bsz * heads, lq, lk, _sm_count(q.device))
     return torch.ops.mova_rt.fused_attention(q, k, v, wq, wk, eps, rope, qa, qb, ka, kb, inv,
                                              qg, kg, round_table, splits)
 

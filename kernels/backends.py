@@ -15,7 +15,7 @@ from ..ops import (attention_sdpa, compose_cross_attention, compose_self_attenti
                    residual_layernorm_affine_eager, rope_interleaved_f32)
 from . import adaln
 from .attention import fused_attention
-from .attention_int8 import attention_int8
+from .attention_int8 import attention_int8, fused_attention_int8
 
 BF16 = torch.bfloat16
 
@@ -43,6 +43,15 @@ _bf16_or_exact("gated_residual", adaln.gated_residual, gated_residual_eager)
 _bf16_or_exact("layernorm_affine", adaln.layernorm_affine, layernorm_affine_eager)
 _bf16_or_exact("residual_layernorm_affine", adaln.gated_residual_layernorm_affine,
                residual_layernorm_affine_eager)
-# 8-bit attention (q, k int8 per block, k smoothed) for bf16 activations: the set
-# `triton-int8attn` composes it with float32 RoPE and q/k RMSNorm.
+# 8-bit attention (q, k int8 per block, k smoothed) for bf16 activations, the set
+# `triton-int8attn`: q/k RMSNorm + RoPE fused with the quantization (fused_attention_int8); the
+# plain op (already normalised, rotated q/k: the Ulysses path) quantizes in PyTorch.
 _bf16_or_exact("attention", attention_int8, attention_sdpa, name="int8")
+_bf16_or_exact("self_attention",
+               lambda q, k, v, w_q, w_k, eps, rope: fused_attention_int8(q, k, v, w_q, w_k, eps,
+                                                                         rope, rope),
+               compose_self_attention(rope_interleaved_f32, attention_sdpa), name="int8")
+_bf16_or_exact("cross_attention",
+               lambda q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None: fused_attention_int8(
+                   q, k, v, w_q, w_k, eps, q_rope, k_rope),
+               compose_cross_attention(attention_sdpa), name="int8")

@@ -30,8 +30,8 @@ Kernel sets:
 - `triton`: the fused Triton kernels of mova_rt.kernels (bf16; fp32 runs take the exact path).
 - `flash-attn`: the flash-attn package's attention (optional import) with float32 RoPE.
 - `triton-int8attn`: the Triton norm kernels and 8-bit attention (kernels/attention_int8.py: q
-  and k in int8 per block, k smoothed, p and v bf16) after float32 RoPE; approximate (about 1%
-  of the attention output on random inputs).
+  and k in int8 per block, k smoothed, p and v bf16) with q/k RMSNorm and RoPE fused into the
+  quantizing prologue; approximate (about 1% of the attention output on random inputs).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ KERNEL_SETS = {
     "flash-attn": {"attention": "flash-attn", "rope_interleaved": "float32", "norm": "eager",
                    "loader": _load_flash_attn},
     "triton-int8attn": {"attention": "int8", "rope_interleaved": "float32", "norm": "triton",
-                        "loader": _load_triton},
+                        "fused": "int8", "loader": _load_triton},
 }
 
 
