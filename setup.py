@@ -57,6 +57,8 @@ setup(
     python_requires=">=3.10",
     packages=["mova_rt", "mova_rt.models", "mova_rt.kernels", "mova_rt.benchmarks"],
     package_dir={"mova_rt.kernels": "kernels", "mova_rt.benchmarks": "benchmarks"},
+    # the fp8 GEMM dispatch table, once built from GPU results (mova_rt/fp8_dispatch.py)
+    package_data={"mova_rt": ["data/*.json"]},
     install_requires=[
         "torch>=2.11",
         "numpy",
@@ -70,7 +72,8 @@ setup(
         "sentencepiece",
         "tokenizers",
     ],
-    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11"],
+    # nvidia-modelopt: the optional fp8 calibration path (quantize.calibrate), tested on the CPU
+    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11", "nvidia-modelopt"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},
     ext_modules=[] if os.environ.get("MOVA_RT_BUILD_EXT") == "0" else

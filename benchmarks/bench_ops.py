@@ -87,6 +87,33 @@ def attention_backends(device: torch.device, lq: int, lk: int, heads: int,
 EPS = 1e-6  # the DiTs' norm eps (config.json "eps")
 
 
+def fp8_gemm_backends() -> dict:
+    """The fp8 GEMMs of mova_rt/quantize.py on the bf16 case inputs (x, w, b), quantized once per
+    input set outside the timing (the weights offline, the activations by their producer): name
+    -> fn, or the reason it cannot run here. Their rates are read against the fp8 ceiling."""
+    from mova_rt import quantize
+
+    def backend(gemm):
+        fn = quantize._bound_gemm(gemm)
+        memo = {}
+
+        def run(x, w, b):
+            key = (x.data_ptr(), w.data_ptr())
+            if key not in memo:
+                memo.clear()
+                memo[key] = (*quantize.quantize_rows(x), *quantize.quantize_rows(w))
+            x_q, x_s, w_q, w_s = memo[key]
+            return fn(x_q, x_s, w_q, w_s, b, x.dtype)
+        return run
+
+    out = {"fp8-scaled_mm": backend("scaled_mm")}
+    try:
+        out["fp8-triton"] = backend("triton")
+    except ImportError as e:
+        out["fp8-triton"] = f"needs Triton ({e})"
+    return out
+
+
 def kernel_sets() -> dict:
     """name -> Ops of every kernel set that resolves here, or the reason it does not."""
     out = {}
@@ -188,7 +215,7 @@ def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) ->
             name=name, shape=f"[{m}, {k}] x [{k}, {n}] + bias bf16", unit="TFLOP/s",
             work=2.0 * m * k * n,
             make_inputs=lambda m=m, k=k, n=n: (randn(m, k), randn(n, k), randn(n)),
-            backends={"torch": F.linear}))
+            backends={"torch": F.linear, **fp8_gemm_backends()}))
 
     grid, lv = s.video_grid, s.L_v
 
@@ -248,10 +275,13 @@ def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, fu
     results = []
     for case in op_cases(cfg, s, device):
         inputs = case.make_inputs()
-        ceiling = ceilings["matmul" if case.unit == "TFLOP/s" else "copy_d2d"]["value"]
         first_out = None
         for backend, fn in case.backends.items():
             row = {"op": case.name, "backend": backend, "shape": case.shape, "unit": case.unit}
+            kind = "copy_d2d" if case.unit != "TFLOP/s" else (
+                "matmul_fp8" if backend.startswith("fp8") and "matmul_fp8" in ceilings else "matmul")
+            ceiling = ceilings[kind]["value"]
+            row["ceiling"] = kind
             if isinstance(fn, str):
                 row.update(status="skipped", message=fn)
                 results.append(row)

@@ -143,8 +143,12 @@ def fp8_runner(kernels: str, gemm: str):
 
 
 register("fp8", "triton kernels with fp8 weights (e4m3 per channel) and activations (per "
-         "token), mova-rt's Triton fp8 GEMMs with fused epilogues (bias; GELU -> fp8 for the "
-         "FFN)")(fp8_runner("triton", "triton"))
+         "token, written by the norm kernels), mova-rt's Triton fp8 GEMMs with fused epilogues "
+         "(bias; GELU -> fp8; gated residual) or cuBLASLt per the dispatch table")(
+    fp8_runner("triton", "auto"))
+register("fp8-int8attn", "as fp8, with 8-bit attention (int8 q/k per block, k smoothed, norm + "
+         "RoPE fused in the quantizing prologue): the full 8-bit path")(
+    fp8_runner("triton-int8attn", "auto"))
 register("fp8-cublas", "as reference, with fp8 Linear layers through torch._scaled_mm "
          "(cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
 

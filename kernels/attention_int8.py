@@ -135,8 +135,7 @@ def _attention_int8_kernel(
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   smooth: bool = True) -> torch.Tensor:
     """8-bit attention (module docstring); q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 -> bf16."""
-    bsz, lq, h, d = q.shape
-    lk = k.shape[1]
+    d, h = q.shape[3], q.shape[2]
     if d not in (32, 64, 128) or k.shape[3] != d or v.shape != k.shape or k.shape[2] != h:
         raise ValueError(f"attention_int8: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
                          f"{tuple(v.shape)}: head dims 32/64/128, matching k and v")

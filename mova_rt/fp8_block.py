@@ -85,13 +85,15 @@ class Fp8DiTBlock(DiTBlock):
 
 
 def fusable(block: torch.nn.Module) -> bool:
-    """A DiTBlock whose GEMMs are all fp8 on the Triton kernels (quantize.apply with gemm
-    "triton" has swapped them and fused its FFN)."""
+    """A DiTBlock whose GEMMs are all fp8 on the Triton kernels with per-token (not calibrated
+    static) input scales: quantize.apply has swapped them and fused its FFN."""
     if type(block) is not DiTBlock:
         return False
     sa, ca = block.self_attn, block.cross_attn
     return isinstance(block.ffn, Fp8FFN) and all(
-        isinstance(m, Fp8Linear) for m in (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o))
+        isinstance(m, Fp8Linear) and m.gemm_name == "triton" and m.input_scale is None
+        for m in (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o, block.ffn.get_submodule("0"),
+                  block.ffn.get_submodule("2")))
 
 
 def fuse(module: torch.nn.Module) -> int:

@@ -152,8 +152,10 @@ class MovaPipeline:
         if precision == "fp8":
             towers = {name: modules[name] for name in quantize.COMPONENTS}
             weights = quantize.load(fp8_weights, path) if fp8_weights else None
-            # --kernels triton: mova-rt's fp8 GEMMs with fused epilogues; otherwise cuBLASLt
-            gemm = "triton" if kernels.startswith("triton") else "scaled_mm"
+            # --kernels triton*: mova-rt's fp8 GEMMs with fused epilogues, or cuBLASLt where the
+            # committed dispatch table measured it faster (mova_rt/fp8_dispatch.py); otherwise
+            # cuBLASLt
+            gemm = "auto" if kernels.startswith("triton") else "scaled_mm"
             quantize.apply(towers, weights, gemm=gemm)
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision

@@ -5,8 +5,10 @@ Scheme `fp8-e4m3/channel-token`:
 - weights W [N, K] -> W_q e4m3 [N, K] and s_w fp32 [N] = max_k |W[n, k]| / 448 (a zero row keeps
   scale 1), so W ~ s_w[:, None] * W_q: one scale per output channel, fixed offline;
 - activations x [M, K] -> x_q e4m3 and s_x fp32 [M] = max_k |x[m, k]| / 448 per token, at run time
-  (dynamic: no calibration needed; a static per-tensor scale from calibration is the alternative,
-  `calibrate`);
+  (dynamic: no calibration needed). The alternative is a static per-tensor scale per layer from
+  calibration (`calibrate`, through nvidia-modelopt): x_q = e4m3(x / s), saturating; the files
+  then hold `<layer>.input_scale` and the manifest says `"activations": "static-tensor"`. Static
+  layers quantize their own input (the fused fp8 block needs per-token scales);
 - y = (s_x[:, None] * s_w[None, :]) * (x_q @ W_q^T) + b, accumulated in fp32, out in the block
   dtype.
 
@@ -21,7 +23,7 @@ Which Linear layers (and why the others stay in the checkpoint dtype):
   directly); norms and modulation tables (not GEMMs).
 
 Files (`save` / `load`): one safetensors file per component, `<layer>.weight` (F8_E4M3) and
-`<layer>.weight_scale` (F32), next to `manifest.json` (format, scheme, the source checkpoint's
+`<layer>.weight_scale` (F32) (and `<layer>.input_scale` when calibrated), next to `manifest.json` (format, scheme, the source checkpoint's
 fingerprint, the layers and shapes). Biases are not copied: they load from the checkpoint.
 """
 
@@ -37,7 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import cuda_ext
+from . import cuda_ext, fp8_dispatch
 from .errors import MovaInputError
 
 FP8 = torch.float8_e4m3fn
@@ -60,6 +62,13 @@ def quantize_rows(x: torch.Tensor) -> tuple:
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """[M, K] -> (e4m3 [M, K], fp32 [M]) with one calibrated per-tensor scale (a 0-d tensor):
+    values beyond 448 * scale saturate."""
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.float().expand(x.shape[0])
 
 
 def quantize_activations(x: torch.Tensor) -> tuple:
@@ -115,22 +124,34 @@ class Fp8Linear(nn.Module):
     are (frozen) parameters, so offload streams them like any weight."""
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 gemm: str = "scaled_mm"):
+                 gemm: str = "scaled_mm", input_scale: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = w_q.shape
         self.weight = nn.Parameter(w_q, requires_grad=False)
         self.weight_scale = nn.Parameter(w_scale.float(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gemm_name = gemm
         self.gemm = _bound_gemm(gemm)
+        # a calibrated static per-tensor input scale (calibrate), or None: per token at run time
+        self.input_scale = None if input_scale is None else nn.Parameter(
+            input_scale.detach().float().reshape(()), requires_grad=False)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple:
+        """x [M, K] -> (e4m3 [M, K], fp32 scales [M]): static when calibrated, else per token."""
+        if self.input_scale is not None:
+            return quantize_static(x, self.input_scale)
+        return quantize_activations(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_activations(x.reshape(-1, self.in_features))   # [M, K], [M]
+        x_q, x_scale = self.quantize_input(x.reshape(-1, self.in_features))   # [M, K], [M]
         y = self.gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {SCHEME}"
+        act = "static input scale" if self.input_scale is not None else "per-token inputs"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.gemm_name}, {act}")
 
 
 class Fp8FFN(nn.Module):
@@ -149,7 +170,7 @@ class Fp8FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self._modules["0"], self._modules["2"]
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_activations(x.reshape(-1, up.in_features))
+        x_q, x_scale = up.quantize_input(x.reshape(-1, up.in_features))
         h_q, h_scale = self._gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
                                   epilogue=self._gelu_fp8)                   # e4m3 [M, F]
         y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
@@ -177,7 +198,8 @@ def _fuse_ffns(module: nn.Module) -> None:
     for name, m in list(module.named_modules()):
         if (isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[0], Fp8Linear)
                 and isinstance(m[1], nn.GELU) and m[1].approximate == "tanh"
-                and isinstance(m[2], Fp8Linear)):
+                and isinstance(m[2], Fp8Linear)
+                and m[0].gemm_name == m[2].gemm_name == "triton"):
             _set(module, name, Fp8FFN(m[0], m[2]))
 
 
@@ -204,14 +226,19 @@ def quantize_component(component: str, module: nn.Module) -> dict:
     return out
 
 
-def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -> dict:
+def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
+          input_scales: dict | None = None) -> dict:
     """Swaps the quantizable Linear layers of modules {component: module} for Fp8Linear, in place.
-    weights: {component: {layer: (w_q, w_scale)}} from `load`; None quantizes the modules' own
-    weights (on load). gemm: a GEMMS backend; "triton" also fuses each FFN (Fp8FFN) and each DiT
-    block's activation quantization and residuals (mova_rt/fp8_block.py). Returns the weights
-    used (for `save`)."""
-    if gemm not in GEMMS:
-        raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose {', '.join(GEMMS)}")
+    weights: {component: {layer: (w_q, w_scale[, input_scale])}} from `load` or `with_scales`
+    (input_scale: a calibrated static scale, or None); input_scales {component: {layer:
+    scale}} from `calibrate` sets (or replaces) those; weights None quantizes the modules' own
+    weights (on load). gemm: a GEMMS backend, or "auto": per weight shape from the dispatch table
+    (mova_rt/fp8_dispatch.py). Where a block's GEMMs are all "triton", its FFN is fused (Fp8FFN)
+    and so are its activation quantization and residuals (mova_rt/fp8_block.py). Returns the
+    weights used (for `save`)."""
+    if gemm not in GEMMS and gemm != "auto":
+        raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose auto, "
+                             f"{', '.join(GEMMS)}")
     used = {}
     for component, module in modules.items():
         if module is None:
@@ -224,16 +251,22 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm") -
         used[component] = {}
         for name in layers:
             linear = module.get_submodule(name)
-            w_q, w_scale = given[name] if given is not None else quantize_rows(linear.weight.detach())
+            w_q, w_scale, in_scale = (given[name] + (None,))[:3] if given is not None else (
+                *quantize_rows(linear.weight.detach()), None)
             if tuple(w_q.shape) != tuple(linear.weight.shape):
                 raise MovaInputError(
                     f"fp8 weight {component}/{name} is {tuple(w_q.shape)} but the model's is "
                     f"{tuple(linear.weight.shape)}: quantize this checkpoint again")
             dev = linear.weight.device
+            if input_scales is not None:
+                in_scale = input_scales[component][name]
             bias = None if linear.bias is None else linear.bias.detach()
-            _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, gemm))
-            used[component][name] = (w_q, w_scale)
-        if gemm == "triton":
+            chosen = gemm if gemm != "auto" else fp8_dispatch.pick(
+                *w_q.shape, fp8_dispatch.device_name(dev))
+            _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, chosen,
+                                         None if in_scale is None else in_scale.to(dev)))
+            used[component][name] = (w_q, w_scale, in_scale)
+        if gemm in ("triton", "auto"):
             from . import fp8_block
             _fuse_ffns(module)
             fp8_block.fuse(module)
@@ -259,21 +292,28 @@ def save(weights, ckpt: str, out: str) -> None:
         manifest = {"format": FORMAT, "scheme": SCHEME, "source": os.path.abspath(ckpt),
                     "source_digest": source_digest(ckpt), "components": {}}
         pairs = weights.items() if isinstance(weights, dict) else weights
+        static = set()
         for component, layers in pairs:
             tensors = {}
-            for name, (w_q, w_scale) in layers.items():
+            for name, entry in layers.items():
+                w_q, w_scale, in_scale = (tuple(entry) + (None,))[:3]
                 tensors[f"{name}.weight"] = w_q.detach().cpu().contiguous()
                 tensors[f"{name}.weight_scale"] = w_scale.detach().float().cpu().contiguous()
+                if in_scale is not None:
+                    tensors[f"{name}.input_scale"] = in_scale.detach().float().cpu().reshape(())
+                    static.add(component)
             fname = f"{component}.fp8.safetensors"
             save_file(tensors, os.path.join(tmp, fname), metadata={"scheme": SCHEME})
             manifest["components"][component] = {
-                "file": fname, "layers": {n: list(w.shape) for n, (w, _) in layers.items()}}
+                "file": fname, "layers": {n: list(e[0].shape) for n, e in layers.items()},
+                "activations": "static-tensor" if component in static else "dynamic-token"}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
 
 
 def load(path: str, ckpt: str, device="cpu") -> dict:
-    """{component: {layer: (w_q, w_scale)}} from a folder written by `save`, after checking it
+    """{component: {layer: (w_q, w_scale, input_scale or None)}} from a folder written by `save`,
+    after checking it
     belongs to `ckpt` and is complete. Raises MovaInputError naming the problem and the fix."""
     redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
     try:
@@ -300,6 +340,7 @@ def load(path: str, ckpt: str, device="cpu") -> dict:
     out = {}
     for component, entry in comps.items():
         fname = os.path.join(path, entry["file"])
+        static = entry.get("activations", "dynamic-token") == "static-tensor"
         layers = {}
         try:
             with safe_open(fname, framework="pt", device=str(device)) as f:
@@ -308,8 +349,13 @@ def load(path: str, ckpt: str, device="cpu") -> dict:
                     w_q, w_scale = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.weight_scale")
                     if list(w_q.shape) != shape or w_q.dtype != FP8 or w_scale.shape != (shape[0],):
                         raise ValueError(f"{name} is {tuple(w_q.shape)} {w_q.dtype}")
-                    layers[name] = (w_q, w_scale)
-                if len(keys) != 2 * len(entry["layers"]):
+                    in_scale = None
+                    if static:
+                        in_scale = f.get_tensor(f"{name}.input_scale")
+                        if in_scale.numel() != 1 or not bool(in_scale.float() > 0):
+                            raise ValueError(f"{name}.input_scale is not one positive scale")
+                    layers[name] = (w_q, w_scale, in_scale)
+                if len(keys) != (3 if static else 2) * len(entry["layers"]):
                     raise ValueError("the file holds tensors the manifest does not list")
         except Exception as e:       # safetensors raises several types for a damaged file
             raise MovaInputError(f"--fp8_weights {fname} is damaged or incomplete "
@@ -350,20 +396,29 @@ def quantize_checkpoint(ckpt: str, out: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # 4. Optional calibration through nvidia-modelopt (static activation scales)
 # ---------------------------------------------------------------------------------------------
-def calibrate(module: nn.Module, forward_loop) -> dict:
-    """Static per-tensor input scales {layer: amax / 448} of the quantizable Linear layers, from
-    nvidia-modelopt's FP8 fake-quant calibration over forward_loop(module). Optional: raises
+def calibrate(modules: dict, forward_loop) -> dict:
+    """Static per-tensor input scales {component: {layer: amax / 448}} of the quantizable Linear
+    layers of modules {component: module}, from nvidia-modelopt's FP8 calibration (max
+    calibrator) over forward_loop(), which runs the model on calibration inputs. modelopt
+    rewrites the modules in place (fake-quant layers): calibrate a throwaway bf16 copy, then
+    pass the scales to `apply(..., input_scales=)` (and `save`). Optional: raises
     MovaInputError when modelopt is not installed."""
     try:
         import modelopt.torch.quantization as mtq
     except ImportError:
-        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt "
-                             "requests huggingface_hub); dynamic per-token scales need nothing")
-    mtq.quantize(module, mtq.FP8_DEFAULT_CFG, forward_loop)
-    scales = {}
-    for name, m in module.named_modules():
-        q = getattr(m, "input_quantizer", None)
-        amax = getattr(q, "amax", None)
-        if amax is not None:
-            scales[name] = float(amax.float().max()) / FP8_MAX
+        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt); "
+                             "dynamic per-token scales need nothing") from None
+    layers = {c: set(quantizable(c, m)) for c, m in modules.items() if m is not None}
+    holder = nn.ModuleDict({c: m for c, m in modules.items() if m is not None})
+    mtq.quantize(holder, mtq.FP8_DEFAULT_CFG, lambda _: forward_loop())
+    scales: dict = {c: {} for c in layers}
+    for name, m in holder.named_modules():
+        component, _, layer = name.partition(".")
+        amax = getattr(getattr(m, "input_quantizer", None), "amax", None)
+        if layer in layers.get(component, ()) and amax is not None:
+            scales[component][layer] = torch.tensor(float(amax.float().max()) / FP8_MAX)
+    missing = [f"{c}/{n}" for c, names in layers.items() for n in names if n not in scales[c]]
+    if missing:
+        raise MovaInputError(f"calibration saw no input for {len(missing)} layers (e.g. "
+                             f"{missing[0]}): the forward loop must run every tower")
     return scales
