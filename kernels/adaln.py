@@ -142,18 +142,6 @@ def _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb, stride_xl, st
 
 
 @triton.jit
-def _layernorm_modulate_kernel(
-        X, SHIFT, SCALE, OUT,                                       # pointers
-        n_rows, L, D,                                               # sizes
-        stride_xb, stride_xl, stride_shb, stride_scb,               # strides (last dim: 1)
-        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
-    row, cols, mask, out = _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb,
-                                                stride_xl, stride_shb, stride_scb, eps, ROWS,
-                                                BLOCK_D)
-    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _store_rows_e4m3(OUT, S, row, cols, mask, v, n_rows, D):
     """Rows v (fp32 holding the activation dtype's values) as e4m3 with one fp32 scale per row,
     amax / 448: quantize_rows of mova_rt/quantize.py, IEEE divisions and all."""
@@ -165,15 +153,18 @@ def _store_rows_e4m3(OUT, S, row, cols, mask, v, n_rows, D):
 
 
 @triton.jit
-def _layernorm_modulate_fp8_kernel(
-        X, SHIFT, SCALE, OUT, S,                                    # pointers
+def _layernorm_modulate_kernel(
+        X, SHIFT, SCALE, OUT, S,                                    # pointers (S: if FP8_OUT)
         n_rows, L, D,                                               # sizes
         stride_xb, stride_xl, stride_shb, stride_scb,               # strides (last dim: 1)
-        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
+        eps, FP8_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):  # meta
     row, cols, mask, out = _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb,
                                                 stride_xl, stride_shb, stride_scb, eps, ROWS,
                                                 BLOCK_D)
-    _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
+    if FP8_OUT:
+        _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
+    else:
+        tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -206,24 +197,16 @@ def _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps, ROWS: t
 
 @triton.jit
 def _layernorm_affine_kernel(
-        X, W, B, OUT,                                               # pointers
+        X, W, B, OUT, S,                                            # pointers (S: if FP8_OUT)
         n_rows, L, D,                                               # sizes
         stride_xb, stride_xl,                                       # strides (last dim: 1)
-        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
+        eps, FP8_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):  # meta
     row, cols, mask, out = _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps,
                                               ROWS, BLOCK_D)
-    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _layernorm_affine_fp8_kernel(
-        X, W, B, OUT, S,                                            # pointers
-        n_rows, L, D,                                               # sizes
-        stride_xb, stride_xl,                                       # strides (last dim: 1)
-        eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):            # meta
-    row, cols, mask, out = _layernorm_affined(X, W, B, n_rows, L, D, stride_xb, stride_xl, eps,
-                                              ROWS, BLOCK_D)
-    _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
+    if FP8_OUT:
+        _store_rows_e4m3(OUT, S, row, cols, mask, out, n_rows, D)
+    else:
+        tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -302,8 +285,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     shift = _per_batch("layernorm_modulate", x, shift, "shift")
     scale = _per_batch("layernorm_modulate", x, scale, "scale")
     out = _empty(x)
-    _launch(_layernorm_modulate_kernel, x, x, shift, scale, out,
-            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps)
+    _launch(_layernorm_modulate_kernel, x, x, shift, scale, out, out,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, FP8_OUT=False)
     return out
 
 
@@ -323,7 +306,8 @@ def layernorm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     _check_rows("layernorm_affine", x)
     _affine("layernorm_affine", x, weight, bias)
     out = _empty(x)
-    _launch(_layernorm_affine_kernel, x, x, weight, bias, out, x.stride(0), x.stride(1), eps)
+    _launch(_layernorm_affine_kernel, x, x, weight, bias, out, out, x.stride(0), x.stride(1), eps,
+            FP8_OUT=False)
     return out
 
 
@@ -333,34 +317,33 @@ def _empty_fp8(x: torch.Tensor) -> tuple:
             torch.empty((b, l), dtype=torch.float32, device=x.device))
 
 
-def _bf16_only(name: str, x: torch.Tensor) -> None:
+def _fp8_outputs(name: str, x: torch.Tensor) -> tuple:
+    """Checks x (bf16 rows: the fp8 path's activations) and allocates (e4m3 rows, row scales)."""
+    _check_rows(name, x)
     if x.dtype != torch.bfloat16:
         raise ValueError(f"{name}: the fp8 path runs on bf16 activations, got {x.dtype}")
+    return _empty_fp8(x)
 
 
 @torch.library.custom_op("mova_rt::layernorm_modulate_fp8", mutates_args=())
 def layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     name = "layernorm_modulate_fp8"
-    _check_rows(name, x)
-    _bf16_only(name, x)
+    q, s = _fp8_outputs(name, x)
     shift = _per_batch(name, x, shift, "shift")
     scale = _per_batch(name, x, scale, "scale")
-    q, s = _empty_fp8(x)
-    _launch(_layernorm_modulate_fp8_kernel, x, x, shift, scale, q, s,
-            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps)
+    _launch(_layernorm_modulate_kernel, x, x, shift, scale, q, s,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, FP8_OUT=True)
     return q, s
 
 
 @torch.library.custom_op("mova_rt::layernorm_affine_fp8", mutates_args=())
 def layernorm_affine_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    name = "layernorm_affine_fp8"
-    _check_rows(name, x)
-    _bf16_only(name, x)
-    _affine(name, x, weight, bias)
-    q, s = _empty_fp8(x)
-    _launch(_layernorm_affine_fp8_kernel, x, x, weight, bias, q, s, x.stride(0), x.stride(1), eps)
+    q, s = _fp8_outputs("layernorm_affine_fp8", x)
+    _affine("layernorm_affine_fp8", x, weight, bias)
+    _launch(_layernorm_affine_kernel, x, x, weight, bias, q, s, x.stride(0), x.stride(1), eps,
+            FP8_OUT=True)
     return q, s
 
 
@@ -400,14 +383,16 @@ def _(x, *args):
 # --------------------------------------------------------------------------------------------
 # 4. Ahead-of-time compile cases at MOVA's real widths (video 5120, audio 1536), bf16
 # --------------------------------------------------------------------------------------------
-def _case(kernel, n_ptrs: int, n_strides: int, d: int, eps: bool = True, fp8: bool = False,
-          **extra) -> dict:
+def _case(kernel, n_ptrs: int, n_strides: int, d: int, eps: bool = True, **extra) -> dict:
     """compile_for arguments for `kernel` at width d, bf16, with the launch config of a GPU.
-    fp8: the last two pointers are the e4m3 output and its fp32 row scales."""
+    With FP8_OUT in extra, the last two pointers are the output (e4m3 or bf16) and the fp32
+    row scales."""
     config = _config(d, interpret=False)
     num_warps = config.pop("num_warps")
     constexprs = {**extra, **config}
-    ptrs = ["*bf16"] * (n_ptrs - 2) + ["*fp8e4nv", "*fp32"] if fp8 else ["*bf16"] * n_ptrs
+    ptrs = ["*bf16"] * n_ptrs
+    if "FP8_OUT" in extra:
+        ptrs[-2:] = ["*fp8e4nv" if extra["FP8_OUT"] else "*bf16", "*fp32"]
     types = ptrs + ["i32"] * (3 + n_strides) + ["fp32"] * eps
     signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(constexprs)))
     return dict(name=f"{kernel.fn.__name__}[D={d}{''.join(f',{k}={v}' for k, v in extra.items())}]",
@@ -415,11 +400,11 @@ def _case(kernel, n_ptrs: int, n_strides: int, d: int, eps: bool = True, fp8: bo
 
 
 COMPILE_CASES = [case for d in (5120, 1536) for case in (
-    _case(_layernorm_modulate_kernel, 4, 4, d),
+    _case(_layernorm_modulate_kernel, 5, 4, d, FP8_OUT=False),
     _case(_gated_residual_kernel, 4, 5, d, eps=False),
-    _case(_layernorm_affine_kernel, 4, 2, d),
-    _case(_layernorm_modulate_fp8_kernel, 5, 4, d, fp8=True),
-    _case(_layernorm_affine_fp8_kernel, 5, 2, d, fp8=True),
+    _case(_layernorm_affine_kernel, 5, 2, d, FP8_OUT=False),
+    _case(_layernorm_modulate_kernel, 5, 4, d, FP8_OUT=True),
+    _case(_layernorm_affine_kernel, 5, 2, d, FP8_OUT=True),
     _case(_gated_residual_layernorm_affine_kernel, 7, 5, d, HAS_GATE=True),
     _case(_gated_residual_layernorm_affine_kernel, 7, 5, d, HAS_GATE=False),
 )]
