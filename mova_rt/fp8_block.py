@@ -29,18 +29,19 @@ from __future__ import annotations
 import torch
 
 from .kernels import adaln
-from .kernels.fp8_gemm import EPI_GATE_RESIDUAL, fp8_gemm
+from .kernels.fp8_gemm import EPI_GATE_RESIDUAL, EPI_GELU_FP8, fp8_gemm
 from .models.video_dit import DiTBlock
 from .quantize import Fp8FFN, Fp8Linear, quantize_activations
 
 
 def _gemm(lin: Fp8Linear, h: tuple, res: torch.Tensor | None = None,
           gate: torch.Tensor | None = None) -> torch.Tensor:
-    """lin(h) for pre-quantized h = (e4m3 [B, L, K], scales [B, L]); with res [B, L, N]: res +
-    gate * lin(h) (gate [B or 1, 1, N], or None for res + lin(h)) in the GEMM's epilogue."""
+    """lin(h) for pre-quantized h = (e4m3 [B, L, K], scales [B, L] per token or [B, L, K/128]
+    per group); with res [B, L, N]: res + gate * lin(h) (gate [B or 1, 1, N], or None for
+    res + lin(h)) in the GEMM's epilogue."""
     x_q, x_s = h
     b, l, _ = x_q.shape
-    a, a_s = x_q.reshape(b * l, -1), x_s.reshape(b * l)
+    a, a_s = x_q.reshape(b * l, -1), x_s.reshape(b * l, *x_s.shape[2:])
     if res is None:
         y = fp8_gemm(a, a_s, lin.weight, lin.weight_scale, lin.bias)
     else:
@@ -48,6 +49,17 @@ def _gemm(lin: Fp8Linear, h: tuple, res: torch.Tensor | None = None,
         y = fp8_gemm(a, a_s, lin.weight, lin.weight_scale, lin.bias, epilogue=EPI_GATE_RESIDUAL,
                      res=res.reshape(b * l, -1), gate=g, tokens=l, out_dtype=res.dtype)
     return y.view(b, l, -1)
+
+
+def _ffn(ffn: Fp8FFN, h: tuple, res: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """res + gate * FFN(h): the up GEMM writes GELU(.) in e4m3 with scales per 128 columns, read
+    by the down GEMM, which adds the gated residual."""
+    up, down = ffn.get_submodule("0"), ffn.get_submodule("2")
+    x_q, x_s = h
+    b, l, _ = x_q.shape
+    h_q, h_s = fp8_gemm(x_q.reshape(b * l, -1), x_s.reshape(b * l), up.weight, up.weight_scale,
+                        up.bias, epilogue=EPI_GELU_FP8)
+    return _gemm(down, (h_q.view(b, l, -1), h_s.view(b, l, -1)), res=res, gate=gate)
 
 
 def _quantized(out: torch.Tensor) -> tuple:
@@ -81,7 +93,7 @@ class Fp8DiTBlock(DiTBlock):
         x = _gemm(ca.o, _quantized(out), res=x)
         # FFN: GELU -> e4m3 in the up GEMM, the gated residual in the down GEMM
         h = adaln.layernorm_modulate_fp8(x, shift_mlp, scale_mlp, self.norm2.eps)
-        return self.ffn.fused(h, res=x, gate=gate_mlp)
+        return _ffn(self.ffn, h, res=x, gate=gate_mlp)
 
 
 def fusable(block: torch.nn.Module) -> bool:

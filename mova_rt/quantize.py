@@ -176,22 +176,6 @@ class Fp8FFN(nn.Module):
         y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
         return y.view(*lead, down.out_features)
 
-    def fused(self, h: tuple, res: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """res + gate * FFN(h) for h already quantized, (e4m3 [B, L, K], scales [B, L]) from a
-        norm kernel; the gated residual in the down GEMM's epilogue (mova_rt/fp8_block.py).
-        gate [B or 1, 1, N] or None; res [B, L, N]."""
-        from .kernels.fp8_gemm import EPI_GATE_RESIDUAL
-        up, down = self._modules["0"], self._modules["2"]
-        x_q, x_s = h
-        b, l, _ = x_q.shape
-        h_q, h_scale = self._gemm(x_q.reshape(b * l, -1), x_s.reshape(b * l), up.weight,
-                                  up.weight_scale, up.bias, epilogue=self._gelu_fp8)
-        g = None if gate is None else gate.expand(b, 1, -1).reshape(b, -1)
-        y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias,
-                       epilogue=EPI_GATE_RESIDUAL, res=res.reshape(b * l, -1), gate=g, tokens=l,
-                       out_dtype=res.dtype)
-        return y.view(b, l, -1)
-
 
 def _fuse_ffns(module: nn.Module) -> None:
     """Sequential(Fp8Linear, GELU(tanh), Fp8Linear) -> Fp8FFN, everywhere in `module`."""
