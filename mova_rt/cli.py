@@ -1,4 +1,4 @@
-"""`mova-rt` command line: generate, make-checkpoint, info, bench.
+"""`mova-rt` command line: generate, build, quantize, make-checkpoint, info, bench.
 
 Bad input ends with one line `error: <problem and fix>` on stderr, exit code 2, no traceback and
 no output file. The flags of `generate` are the reference script's (scripts/inference_single.py,
@@ -90,15 +90,20 @@ def _generate_parser(sub):
     p.add_argument("--lora_scale", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="GEMMs of the DiTs and the bridge: bf16 (the checkpoint's --dtype) or fp8 "
-                        "(e4m3 weights per channel, activations per token)")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default=None,
+                   help="GEMMs of the DiTs and the bridge: bf16 (the checkpoint's --dtype; the "
+                        "default, or the engine's) or fp8 (e4m3 weights per channel, activations "
+                        "per token)")
     p.add_argument("--fp8_weights", default=None, metavar="DIR",
                    help="--precision fp8: weights written by `mova-rt quantize` (default: "
                         "quantize on load)")
-    p.add_argument("--kernels", default="reference",
-                   help="kernel set: reference (exact), sdpa, triton (fused kernels), flash-attn, "
-                        "triton-int8attn (8-bit attention, approximate)")
+    p.add_argument("--kernels", default=None,
+                   help="kernel set: reference (exact; the default, or the engine's), sdpa, "
+                        "triton (fused kernels), flash-attn, triton-int8attn (8-bit attention, "
+                        "approximate)")
+    p.add_argument("--engine", default=None, metavar="DIR",
+                   help="run the towers' compiled units from an engine written by `mova-rt "
+                        "build` (checked against this request, checkpoint and machine)")
     p.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final video/audio latents as safetensors")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -118,10 +123,61 @@ def build_parser() -> argparse.ArgumentParser:
                                          "generate --precision fp8 --fp8_weights)")
     qp.add_argument("--ckpt_path", required=True, help="MOVA checkpoint folder (official layout)")
     qp.add_argument("--out", required=True, help="new folder for the fp8 weights and manifest")
+    _build_parser(sub)
     sub.add_parser("info", help="version, devices and optional backends")
     from .benchmarks.suite import add_parser as add_bench_parser
     add_bench_parser(sub)
     return ap
+
+
+def _build_parser(sub):
+    from .engine import BACKENDS, KERNELS, MAX_BATCH
+    b = sub.add_parser("build", help="compile the towers ahead of time for one clip size and "
+                                     "precision (an engine for generate --engine)")
+    b.add_argument("--ckpt_path", default=None,
+                   help="MOVA checkpoint folder (default: the embedded tiny model)")
+    b.add_argument("--height", type=int, default=None, help="default 720 (tiny model: 64)")
+    b.add_argument("--width", type=int, default=None, help="default 1280 (tiny model: 96)")
+    b.add_argument("--num_frames", type=int, default=None, help="default 193 (tiny model: 17)")
+    b.add_argument("--fps", type=float, default=24.0)
+    b.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    b.add_argument("--backend", choices=BACKENDS, default="inductor",
+                   help="inductor (torch.export + AOTInductor; default) or tensorrt (ONNX -> "
+                        "TensorRT engines; needs the tensorrt package and a GPU)")
+    b.add_argument("--kernels", choices=KERNELS, default="reference",
+                   help="the ops traced into the engine (reference: exact RoPE in float64)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present): "
+                                                   "build on the kind of machine that will run it")
+    b.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="inductor on CUDA: skip GEMM/kernel autotuning (faster build)")
+    b.add_argument("--opt_batch", type=int, default=2,
+                   help=f"tensorrt: the batch (1..{MAX_BATCH}) the engine is tuned for (2: CFG "
+                        "batched)")
+    b.add_argument("--out", required=True, help="new folder for the engine, e.g. "
+                                                "build/engines/mova-360p-bf16")
+
+
+def cmd_build(args) -> int:
+    from .config import PRESET_SIZES
+    from .engine import BuildRequest, build
+    from .tiny import embedded_tiny_checkpoint
+
+    tiny = args.ckpt_path is None
+    defaults = dict(zip(("height", "width", "num_frames"), PRESET_SIZES["tiny"])) if tiny \
+        else REFERENCE_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
+    req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
+                       args.backend, args.kernels, args.device, args.autotune, args.opt_batch)
+    t0 = time.perf_counter()
+    manifest = build(req, args.out, log=lambda m: print(f"build: {m}", file=sys.stderr))
+    size = sum(a["bytes"] for a in manifest["artifacts"].values())
+    print(f"wrote engine {args.out}: {', '.join(manifest['units'])} ({args.backend}, "
+          f"{args.precision}, {manifest['machine']['name']}), {size / 1024 ** 2:.1f} MiB in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def _unsupported(args):
@@ -218,6 +274,16 @@ def _generate(args, where) -> int:
               "output is noise, useful only to check the installation", file=sys.stderr)
     ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
 
+    engine = None
+    if args.engine is not None:       # refused before any weight is read
+        from .engine import open_engine
+        from .sampler import Guidance
+        engine = open_engine(args.engine)
+        engine.check_machine(device)
+        engine.check_model(ckpt, args.precision, args.kernels, lora=bool(args.lora_path))
+        passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
+        engine.check_request(args.height, args.width, args.num_frames, args.fps,
+                             passes if args.cfg_batch is not False else 1, ckpt)
     layout = _plan_parallel(args, ckpt, where)
     launch.init(where, device, args.dist_timeout)
     launch.check_agreement(where, flags, ckpt)
@@ -236,7 +302,7 @@ def _generate(args, where) -> int:
             ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
             lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
             offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk, mesh=mesh,
-            precision=args.precision, fp8_weights=args.fp8_weights)
+            precision=args.precision, fp8_weights=args.fp8_weights, engine=engine)
         out = pipe(args.prompt, image, height=args.height, width=args.width,
                    negative_prompt=args.negative_prompt,
                    num_frames=args.num_frames, fps=args.fps, seed=args.seed,
@@ -277,7 +343,7 @@ def _estimates(args, ckpt) -> dict:
     guidance = Guidance(args.cfg_scale, args.bridge_cfg_scale)
     batch = 1 if args.cfg_batch is False else len(guidance.passes())
     try:
-        act = meta_plan(cfg, shapes, kernels=args.kernels)["activation_peak_gib"]
+        act = meta_plan(cfg, shapes, kernels=args.kernels or "reference")["activation_peak_gib"]
     except Exception:   # a kernel set that cannot trace on meta: the reference path's estimate
         act = meta_plan(cfg, shapes)["activation_peak_gib"]
     return plan_estimates(component_weights(cfg), act, batch)
@@ -403,7 +469,8 @@ def main(argv=None) -> int:
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint,
-               "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize}[args.command]
+               "info": cmd_info, "bench": cmd_bench, "quantize": cmd_quantize,
+               "build": cmd_build}[args.command]
     where, who = launch.Launch(), ""
     try:
         where = launch.from_env()

@@ -80,15 +80,17 @@ class MovaPipeline:
         self.residency = None      # --offload cpu: the ComponentResidency
         self.mesh = None           # context / CFG parallel: this rank's mova_rt.parallel.Mesh
         self.precision = "bf16"    # of the DiT and bridge GEMMs (fp8: mova_rt/quantize.py)
+        self.fp8_weights = None    # fp8: {component: {layer: (w_q, w_scale, input_scale)}}
+        self.engine = None         # an ahead-of-time engine (mova_rt/engine.py) run by the towers
 
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16,
-                        kernels: str = "reference", lora_path: str | None = None,
+                        kernels: str | None = None, lora_path: str | None = None,
                         lora_alpha: float | None = None, lora_scale: float = 1.0,
                         offload: str = "none", offload_depth: int = 1,
-                        stream_from_disk: bool = False, mesh=None, precision: str = "bf16",
-                        fp8_weights: str | None = None):
+                        stream_from_disk: bool = False, mesh=None, precision: str | None = None,
+                        fp8_weights: str | None = None, engine=None, towers_only: bool = False):
         """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
         group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
         mova_rt/offload.py. With offload the weights are first loaded into host memory, except,
@@ -96,8 +98,29 @@ class MovaPipeline:
         at each use, so host RAM stays small. mesh: a mova_rt.parallel.Mesh (this rank's place
         in a torchrun launch) to run context- and CFG-parallel. precision fp8: the DiTs' and the
         bridge's Linear layers in fp8 (mova_rt/quantize.py), from the folder fp8_weights written by
-        `mova-rt quantize`, or quantized here on load."""
+        `mova-rt quantize`, or quantized here on load. kernels: a kernel set (default reference).
+
+        engine: a folder written by `mova-rt build` (or an opened mova_rt.engine.Engine): the
+        blocks and the bridge run its compiled units. It must match the checkpoint, this machine
+        and the libraries (MovaInputError with the build command otherwise); precision and kernels
+        default to the engine's, and naming others is refused. towers_only: the DiTs and the
+        bridge alone (no VAEs, no text encoder): what `mova-rt build` needs."""
         t0 = time.perf_counter()
+        if engine is not None:
+            from .engine import Engine, open_engine
+            engine = engine if isinstance(engine, Engine) else open_engine(engine)
+            if mesh is not None:
+                raise MovaInputError("--engine runs one process's compiled layers; context and CFG "
+                                     "parallelism split them across ranks: drop --engine or run "
+                                     "on one GPU")
+            if fp8_weights:
+                raise MovaInputError("--engine brings its own fp8 weights: drop --fp8_weights")
+            engine.check_machine(device)
+            engine.check_model(path, precision, kernels, lora=bool(lora_path))
+            precision, kernels = engine.precision, engine.kernels
+            fp8_weights = engine.fp8_weights
+        kernels = kernels or "reference"
+        precision = precision or "bf16"
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MovaInputError(f"--dtype {dtype} is not supported: use bf16 or fp32")
@@ -137,14 +160,18 @@ class MovaPipeline:
                                        defer=defer)
         # The reference runs the DAC in fp32 (autocast) on weights rounded to the pipeline dtype.
         modules["audio_vae"] = modules["audio_vae"].float()
-        modules["video_vae"] = load_state(build_video_vae(cfg.video_vae), path, "video_vae",
-                                          dtype, device)
-        umt5 = build_umt5_encoder(cfg.text_encoder)
-        umt5 = load_state(umt5, path, "text_encoder", dtype, device,
-                          expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings,
-                          defer=(lambda k: is_block_key("text_encoder", k)) if stream_from_disk
-                          else None)
-        modules["text_encoder"] = TextEncoder(load_tokenizer(os.path.join(path, "tokenizer")), umt5)
+        if towers_only:
+            modules["video_vae"] = modules["text_encoder"] = None
+        else:
+            modules["video_vae"] = load_state(build_video_vae(cfg.video_vae), path, "video_vae",
+                                              dtype, device)
+            umt5 = build_umt5_encoder(cfg.text_encoder)
+            umt5 = load_state(umt5, path, "text_encoder", dtype, device,
+                              expected=umt5_expected_keys(umt5), finalize=tie_umt5_embeddings,
+                              defer=(lambda k: is_block_key("text_encoder", k))
+                              if stream_from_disk else None)
+            modules["text_encoder"] = TextEncoder(load_tokenizer(os.path.join(path, "tokenizer")),
+                                                  umt5)
         if lora_path:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
                                                  "dual_tower_bridge")},
@@ -156,9 +183,14 @@ class MovaPipeline:
             # committed dispatch table measured it faster (mova_rt/fp8_dispatch.py); otherwise
             # cuBLASLt
             gemm = "auto" if kernels.startswith("triton") else "scaled_mm"
-            quantize.apply(towers, weights, gemm=gemm)
+            used = quantize.apply(towers, weights, gemm=gemm)
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision
+        if precision == "fp8":
+            pipe.fp8_weights = used
+        if engine is not None:      # before offload, which may empty the streamed parameters
+            engine.install(pipe)
+            pipe.engine = engine
         if offload == "group":
             disk = disk_sources(pipe, path, dtype) if stream_from_disk else None
             pipe.streamer = apply_group(pipe, compute_device, offload_depth, disk)
@@ -217,7 +249,8 @@ class MovaPipeline:
                  ref_path: str | None = None, height: int | None = None,
                  width: int | None = None, bridge_cfg_scale: float = 1.0,
                  cfg_batch: bool | None = None, cache: str = "off",
-                 cache_threshold: float = 0.1, decode: bool = True) -> MovaOutput:
+                 cache_threshold: float = 0.1, decode: bool = True,
+                 step_callback=None) -> MovaOutput:
         """The CLI's arguments. The first frame is `image` (a [1, 3, H, W] tensor in [-1, 1], or a
         PIL image that is centre-cropped and resized to height x width), or the file `ref_path`,
         or, when neither is given, a white frame (text-to-video-audio).
@@ -227,7 +260,9 @@ class MovaPipeline:
         False: one after the other, bit-identical to the reference). cache: step caching
         (mova_rt.cache): off (exact), auto (reuse when the first layer's residual changed by less
         than cache_threshold), schedule (every other step). decode: False skips the VAE and DAC
-        decode (frames and waveform are then None): the ranks of a parallel run but one."""
+        decode (frames and waveform are then None): the ranks of a parallel run but one.
+        step_callback(i): called before step i and once more after the last (i = the number of
+        steps), the device synchronised (the cold-start benchmark times steps with it)."""
         image = self._first_frame(image, ref_path, height, width)
         _, _, height, width = image.shape
         vae = self.cfg.video_vae
@@ -239,6 +274,10 @@ class MovaPipeline:
         for name, s in (("--cfg_scale", cfg_scale), ("--bridge_cfg_scale", bridge_cfg_scale)):
             if not np.isfinite(s):
                 raise MovaInputError(f"{name} {s} must be a finite number")
+        if self.engine is not None:
+            passes = len(Guidance(cfg_scale, bridge_cfg_scale).passes())
+            self.engine.check_request(height, width, num_frames, fps,
+                                      passes if cfg_batch is not False else 1)
         dev, timings = self.device, {}
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -294,6 +333,9 @@ class MovaPipeline:
             res.load(dit)
         t0 = time.perf_counter()
         for i in tqdm(range(len(step.timesteps)), desc="denoise", unit="step", disable=not progress):
+            if step_callback is not None:
+                sync()
+                step_callback(i)
             if res and i == max(0, switch_at - res.prefetch_steps):
                 res.prefetch(self.video_dit_2)      # overlaps the last high-noise steps
             if i == switch_at:
@@ -316,6 +358,9 @@ class MovaPipeline:
                 gc.collect()
                 torch.cuda.empty_cache()
                 latents, audio = step(dit, i, latents, audio, condition, pos, neg)
+        if step_callback is not None:
+            sync()
+            step_callback(len(step.timesteps))
         if res:
             res.evict(dit)
         forwards = step.forwards_per_step * len(step.timesteps)

@@ -73,7 +73,11 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> tuple:
 
 def quantize_activations(x: torch.Tensor) -> tuple:
     """quantize_rows for activations [M, K]: the CUDA C++ kernel of mova_rt._C on GPUs when
-    built (bit-identical, one fused pass), else the PyTorch reference."""
+    built (bit-identical, one fused pass), else the PyTorch reference; the reference too while
+    torch.export or torch.compile traces it (the extension is opaque to them, and Inductor fuses
+    the reference into the kernel that produces x)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return quantize_rows(x)
     return cuda_ext._quantize_rows_cuda(x) if cuda_ext.takes(x) else quantize_rows(x)
 
 

@@ -117,8 +117,15 @@ class Bridge(nn.Module):
     def forward(self, i: int, video: torch.Tensor, audio: torch.Tensor, video_rope, audio_rope):
         """Interaction before block i; both directions read the pre-bridge states."""
         key = str(i)
-        a2v = self.audio_to_video_conditioners[key]
-        v2a = self.video_to_audio_conditioners[key]
-        new_video = video + a2v(video, audio, video_rope, audio_rope)
-        new_audio = audio + v2a(audio, video, audio_rope, video_rope)
-        return new_video, new_audio
+        return interact(self.audio_to_video_conditioners[key],
+                        self.video_to_audio_conditioners[key], video, audio, video_rope,
+                        audio_rope)
+
+
+def interact(a2v: ConditionerBlock, v2a: ConditionerBlock, video: torch.Tensor,
+             audio: torch.Tensor, video_rope, audio_rope) -> tuple:
+    """One interaction layer: both directions from the pre-bridge states (also the body of an
+    engine's bridge unit, mova_rt/engine.py)."""
+    new_video = video + a2v(video, audio, video_rope, audio_rope)
+    new_audio = audio + v2a(audio, video, audio_rope, video_rope)
+    return new_video, new_audio
