@@ -72,8 +72,12 @@ setup(
         "sentencepiece",
         "tokenizers",
     ],
-    # nvidia-modelopt: the optional fp8 calibration path (quantize.calibrate), tested on the CPU
-    extras_require={"triton": ["triton>=3.3"], "test": ["pytest", "pybind11", "nvidia-modelopt"],
+    # nvidia-modelopt: the optional fp8 calibration path (quantize.calibrate), tested on the CPU;
+    # onnx + onnxscript: `mova-rt build --backend tensorrt` exports ONNX; onnxruntime checks it
+    extras_require={"triton": ["triton>=3.3"],
+                    "test": ["pytest", "pybind11", "nvidia-modelopt", "onnx", "onnxscript",
+                             "onnxruntime"],
+                    "tensorrt": ["onnx", "onnxscript"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},
     ext_modules=[] if os.environ.get("MOVA_RT_BUILD_EXT") == "0" else

@@ -404,6 +404,10 @@ def _summary(pipe, out, args, total):
                                         if args.cache != "off" else "") + f") | decode {t['decode']:.2f}s | mux {t['mux']:.2f}s | total "
           f"{total:.2f}s", file=sys.stderr)
     print(f"memory: peak VRAM {vram} | peak host RSS {rss_gb:.2f} GiB", file=sys.stderr)
+    if pipe.engine is not None:
+        e = pipe.engine
+        print(f"engine {e.path}: {e.backend}, {e.precision}, units "
+              f"{', '.join(e.manifest['units'])} (built {e.manifest['created']})", file=sys.stderr)
 
 
 def cmd_quantize(args) -> int:

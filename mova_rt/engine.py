@@ -585,9 +585,10 @@ class Engine:
         device = torch.device(device)
         built, here = self.manifest["machine"], machine(device)
         if built["device"] != here["device"]:
-            raise MovaInputError(f"engine {self.path} was built for {built['device']}, this run "
-                                 f"is on {here['device']}: build one here with "
-                                 f"`{self.fix()}`")
+            what = built["device"] + (f" ({built['name']}, compute capability "
+                                      f"{built['capability']})" if built["capability"] else "")
+            raise MovaInputError(f"engine {self.path} was built for {what}, this run is on "
+                                 f"{here['device']}: build one here with `{self.fix()}`")
         if built["capability"] != here["capability"]:
             raise MovaInputError(f"engine {self.path} was built for compute capability "
                                  f"{built['capability']} ({built['name']}), this GPU is "

@@ -1,0 +1,407 @@
+"""Ahead-of-time engines (mova_rt/engine.py): `mova-rt build` + `generate --engine` on the tiny
+model with the inductor backend (AOTInductor compiles C++ on the CPU), the engine's outputs against
+the eager path, every refusal (request, checkpoint, precision, kernels, machine, versions, damaged
+or partial folders), the ONNX export of the TensorRT backend checked with onnxruntime, and the
+TensorRT half itself where the package is installed (never here)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mova_rt import engine as E
+from mova_rt.cli import main
+from mova_rt.errors import MovaInputError
+from mova_rt.pipeline import MovaPipeline
+
+SIZE = dict(height=64, width=96, num_frames=17)
+RUN = dict(prompt="a dog barks", num_inference_steps=4, progress=False, decode=False, **SIZE)
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt, tmp_path_factory):
+    """bf16 and fp8 inductor engines of the tiny checkpoint, built once (about 25 s each)."""
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for precision in ("bf16", "fp8"):
+        path = str(root / precision)
+        E.build(E.BuildRequest(tiny_ckpt, precision=precision, **SIZE), path, log=lambda m: None)
+        out[precision] = path
+    return out
+
+
+def damaged_copy(src: str, dst, edit=None) -> str:
+    dst = str(dst)
+    shutil.copytree(src, dst)
+    if edit is not None:
+        path = os.path.join(dst, E.MANIFEST)
+        with open(path) as fh:
+            manifest = json.load(fh)
+        edit(manifest)
+        with open(path, "w") as fh:
+            json.dump(manifest, fh)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------------------------
+def test_manifest_names_everything_the_engine_depends_on(engines, tiny_ckpt):
+    from mova_rt import quantize
+    m = json.load(open(os.path.join(engines["fp8"], E.MANIFEST)))
+    assert m["format"] == E.FORMAT
+    assert m["checkpoint"]["digest"] == quantize.source_digest(tiny_ckpt)
+    assert m["config"]["model"]["video_dit"]["dim"] > 0 and len(m["config"]["digest"]) == 64
+    assert m["request"] == {"height": 64, "width": 96, "num_frames": 17, "fps": 24.0,
+                            "precision": "fp8", "backend": "inductor", "kernels": "reference"}
+    # 17 frames -> 5 latent frames, 8x12 latents, 2x2 patches: 5*4*6 video tokens
+    assert m["shapes"]["video_tokens"] == 120 and m["shapes"]["audio_tokens"] > 0
+    assert m["shapes"]["max_batch"] == E.MAX_BATCH
+    assert m["machine"]["device"] == "cpu"
+    assert m["versions"]["torch"] == torch.__version__ and "cuda" in m["versions"]
+    # the two experts share a config, so one video unit serves both
+    assert set(m["units"]) == {"video_block", "audio_block", "bridge_layer"}
+    assert m["units"]["video_block"]["towers"] == ["video_dit", "video_dit_2"]
+    assert m["units"]["video_block"]["inductor_options"]["emulate_precision_casts"] is True
+    assert isinstance(m["units"]["video_block"]["autotune_choices"], list)
+    # fp8: the e4m3 weights are in the engine, and the units take them as inputs
+    assert m["weights"]["dir"] == "weights"
+    sig = {n: d for n, _, d in m["units"]["video_block"]["weights"]}
+    assert sig["self_attn.q.weight"] == "float8_e4m3fn" and sig["self_attn.q.weight_scale"] == "float32"
+    for rel_path, info in m["artifacts"].items():
+        assert os.path.getsize(os.path.join(engines["fp8"], rel_path)) == info["bytes"]
+    assert "units/video_block.pt2" in m["artifacts"]
+    assert not [f for f in os.listdir(os.path.dirname(engines["fp8"])) if f.startswith(".")]
+
+
+def test_build_failure_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    calls = []
+
+    def failing(spec, path, device, autotune):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise RuntimeError("compiler crashed")
+        with open(path, "wb") as fh:
+            fh.write(b"x")
+        return {}
+    monkeypatch.setattr(E, "build_inductor", failing)
+    out = tmp_path / "engine"
+    with pytest.raises(RuntimeError):
+        E.build(E.BuildRequest(tiny_ckpt, **SIZE), str(out), log=lambda m: None)
+    assert calls == ["video_block", "audio_block"]
+    assert os.listdir(tmp_path) == []          # no engine, no temporary folder
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(kernels="triton"), "cannot be compiled into an engine"),
+    (dict(backend="onnx"), "is not a backend"),
+    (dict(height=65), "multiples of 16"),
+    (dict(fps=0.0), "must be positive"),
+    (dict(device="cuda"), "CUDA is not available"),
+])
+def test_build_refuses_bad_requests(tiny_ckpt, tmp_path, change, match):
+    if change.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    req = E.BuildRequest(tiny_ckpt, **dict(SIZE, **change))
+    with pytest.raises(MovaInputError, match=match):
+        E.build(req, str(tmp_path / "e"), log=lambda m: None)
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_tensorrt_without_tensorrt_is_refused(tiny_ckpt, tmp_path):
+    if E.tensorrt_module() is not None:
+        pytest.skip("tensorrt is installed")
+    with pytest.raises(MovaInputError, match="needs the tensorrt package"):
+        E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", **SIZE), str(tmp_path / "e"))
+
+
+# ---------------------------------------------------------------------------------------------
+# run: the engine against the eager path, same weights
+# ---------------------------------------------------------------------------------------------
+def _forward(pipe, seed=0):
+    from mova_rt.models.dual_tower import dual_tower_forward
+    g = torch.Generator().manual_seed(seed)
+    vin = torch.randn(2, 36, 5, 8, 12, generator=g)
+    ain = torch.randn(2, pipe.audio_dit.cfg.in_dim, 36, generator=g)
+    text = torch.randn(2, 512, pipe.cfg.video_dit.text_dim, generator=g).bfloat16()
+    return dual_tower_forward(pipe.video_dit, pipe.audio_dit, pipe.bridge, vin, ain, text,
+                              torch.tensor([900.0]), 24.0, bridge_from=1)
+
+
+def _count_unit_calls(pipe) -> list:
+    calls = []
+    for module in [*pipe.video_dit.blocks, pipe.bridge]:
+        unit = module._engine_unit
+
+        def counted(w, a, unit=unit):
+            calls.append(1)
+            return unit(w, a)
+        module._engine_unit = counted
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_engine_matches_eager_path(engines, tiny_ckpt, precision):
+    """Tolerance: one forward within 1% (Inductor rounds to bf16 where the eager ops do, but
+    lowers attention and reductions in its own order: 0.4% measured), and four CFG steps within
+    1.5x the distance from the eager result to the same run one precision up (fp32 for bf16,
+    bf16 for fp8): the random tiny model amplifies every rounding step by step (bf16 vs fp32:
+    2.0% after 4 steps; the engine: 2.3%)."""
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision=precision)
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engines[precision])
+    assert pipe.precision == precision and pipe.engine is not None
+    assert type(pipe.video_dit.blocks[0]).__name__ == "EngineDiTBlock"
+    assert type(pipe.video_dit_2.blocks[-1]).__name__ == "EngineDiTBlock"
+    assert type(pipe.bridge).__name__ == "EngineBridge"
+    if precision == "fp8":
+        assert type(pipe.video_dit.blocks[0].self_attn.q).__name__ == "Fp8Linear"
+    calls = _count_unit_calls(pipe)
+    (ev, ea), (gv, ga) = _forward(eager), _forward(pipe)
+    n_bridge = len(pipe.bridge.layers)
+    assert len(calls) == len(pipe.video_dit.blocks) + n_bridge
+    assert rel(ev, gv) < 1e-2 and rel(ea, ga) < 1e-2, (rel(ev, gv), rel(ea, ga))
+
+    a, b = eager(**RUN), pipe(**RUN)
+    fp32 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32")(**RUN) if precision == "bf16" \
+        else MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")(**RUN)
+    for name in ("video_latents", "audio_latents"):
+        floor = rel(getattr(a, name), getattr(fp32, name))
+        got = rel(getattr(a, name), getattr(b, name))
+        assert got <= 1.5 * max(floor, 1e-3), (name, got, floor)
+
+
+def test_engine_with_group_offload_is_bit_identical(engines, tiny_ckpt):
+    plain = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engines["bf16"])
+    group = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engines["bf16"],
+                                         offload="group")
+    a, b = plain(**RUN), group(**RUN)
+    assert torch.equal(a.video_latents, b.video_latents)
+    assert torch.equal(a.audio_latents, b.audio_latents)
+
+
+def test_engine_with_bf16_lora_applies_the_lora(engines, tiny_ckpt, tmp_path):
+    """A bf16 engine's units take the weights as inputs, so a LoRA merged at load applies."""
+    from safetensors.torch import save_file
+    eager_base = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    dim = eager_base.video_dit.dim
+    g = torch.Generator().manual_seed(5)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"video_dit.blocks.0.self_attn.q.lora_A.weight": torch.randn(2, dim, generator=g),
+               "video_dit.blocks.0.self_attn.q.lora_B.weight": torch.randn(dim, 2, generator=g)},
+              str(lora))
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", lora_path=str(lora))
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", lora_path=str(lora),
+                                        engine=engines["bf16"])
+    (ev, _), (gv, _), (bv, _) = _forward(eager), _forward(pipe), _forward(eager_base)
+    assert rel(ev, gv) < 1e-2 < rel(ev, bv)
+
+
+def test_engine_batches_one_to_three_passes(engines, tiny_ckpt):
+    """Sequential passes (batch 1) and Dual CFG batched (3 rows, the bridge on 2) run the same
+    units as CFG's batch of 2."""
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engines["bf16"])
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    for kw in (dict(cfg_batch=False), dict(bridge_cfg_scale=2.0)):
+        a, b = eager(**RUN, **kw), pipe(**RUN, **kw)
+        assert torch.isfinite(b.video_latents).all()
+        assert rel(a.video_latents, b.video_latents) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals, through the command line (one line, exit 2, nothing written)
+# ---------------------------------------------------------------------------------------------
+def _generate(capsys, tmp_path, ckpt, engine, *extra):
+    out = tmp_path / "out" / "x.mp4"
+    code = main(["generate", "--ckpt_path", ckpt, "--prompt", "x", "--height", "64", "--width",
+                 "96", "--num_frames", "17", "--num_inference_steps", "2", "--no-progress",
+                 "--output_path", str(out), "--engine", engine, *extra])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    return code, errors, out
+
+
+def _set(path, value):
+    def edit(m):
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+REFUSED = {
+    "height": (["--height", "80"], None, "--height 80 (built for 64)", "--height 80 --width 96"),
+    "frames": (["--num_frames", "21"], None, "--num_frames 21 (built for 17)", "mova-rt build"),
+    "fps": (["--fps", "25"], None, "--fps 25 (built for 24)", "--fps 25"),
+    "precision": (["--precision", "fp8"], None, "engine", "--precision fp8 --backend inductor"),
+    "kernels": (["--kernels", "triton"], None, "--kernels reference", "drop --kernels"),
+    "fp8_weights": (["--fp8_weights", "/tmp"], None, "brings its own fp8 weights", None),
+    "device": ([], _set(("machine",), {"device": "cuda", "name": "NVIDIA H100 80GB HBM3",
+                                       "capability": "9.0"}),
+               "built for cuda (NVIDIA H100 80GB HBM3, compute capability 9.0)", "mova-rt build"),
+    "torch": ([], _set(("versions", "torch"), "2.0.0"), "torch 2.0.0", "rebuild it here"),
+    "mova_rt": ([], _set(("versions", "mova_rt"), "0.0.1"), "mova_rt 0.0.1", "rebuild"),
+    "config": ([], _set(("config", "digest"), "0" * 64), "model config", "rebuild"),
+    "format": ([], _set(("format",), "mova-rt-engine/0"), "this mova-rt reads", "mova-rt build"),
+    "manifest_field": ([], lambda m: m.pop("units"), "lacks 'units'", "build the engine again"),
+    "weights": ([], _set(("units", "video_block", "weights", 0, 1), [1, 6, 7]),
+                "unit video_block was built for other weights", "rebuild"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_generate_refuses_a_mismatched_engine(case, engines, tiny_ckpt, tmp_path, capsys):
+    extra, edit, match, fix = REFUSED[case]
+    engine = damaged_copy(engines["bf16"], tmp_path / "engine", edit) if edit else engines["bf16"]
+    code, errors, out = _generate(capsys, tmp_path, tiny_ckpt, engine, *extra)
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+    if fix:
+        assert fix in errors[0], errors
+    assert not out.exists()
+
+
+def test_machine_check_refuses_another_gpu_capability(engines, tmp_path, monkeypatch):
+    """A CUDA engine on a GPU of another compute capability (simulated: no GPU here)."""
+    engine = E.open_engine(damaged_copy(engines["bf16"], tmp_path / "e", _set(
+        ("machine",), {"device": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"})))
+    monkeypatch.setattr(E, "machine", lambda device: {"device": "cuda", "name": "NVIDIA A100",
+                                                      "capability": "8.0"})
+    with pytest.raises(MovaInputError, match=r"compute capability 9.0 \(NVIDIA H100 80GB HBM3\), "
+                                             r"this GPU is 8.0 \(NVIDIA A100\)"):
+        engine.check_machine("cpu")
+    monkeypatch.setattr(E, "machine", lambda device: {"device": "cuda", "name": "NVIDIA H200",
+                                                      "capability": "9.0"})
+    engine.manifest["versions"].update(E.versions("inductor"))
+    with pytest.warns(UserWarning, match="tuned on NVIDIA H100"):
+        engine.check_machine("cpu")        # same capability, another model: runs, with a warning
+
+
+def test_generate_refuses_another_checkpoint(engines, tiny_ckpt, tmp_path, capsys):
+    from mova_rt.checkpoint import make_checkpoint
+    other = str(tmp_path / "other")
+    make_checkpoint("tiny", other, seed=1)
+    code, errors, out = _generate(capsys, tmp_path, other, engines["bf16"])
+    assert code == 2 and "built from another checkpoint" in errors[0]
+    assert f"--ckpt_path {other}" in errors[0]
+    assert not out.exists()
+
+
+def test_generate_refuses_lora_with_an_fp8_engine(engines, tiny_ckpt, tmp_path, capsys):
+    code, errors, _ = _generate(capsys, tmp_path, tiny_ckpt, engines["fp8"], "--lora_path",
+                                str(tmp_path / "lora.safetensors"))
+    assert code == 2 and "quantized without the LoRA" in errors[0]
+
+
+def _truncate(folder):
+    path = os.path.join(folder, "units", "audio_block.pt2")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+
+
+def _flip(folder):
+    path = os.path.join(folder, "units", "bridge_layer.pt2")
+    with open(path, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+DAMAGED = {
+    "missing_unit": (lambda d: os.remove(os.path.join(d, "units", "video_block.pt2")),
+                     "units/video_block.pt2 is missing"),
+    "truncated_unit": (_truncate, "units/audio_block.pt2 is"),
+    "corrupt_unit": (_flip, "differs from what the build wrote"),
+    "no_manifest": (lambda d: os.remove(os.path.join(d, E.MANIFEST)), "has no manifest.json"),
+    "garbage_manifest": (lambda d: open(os.path.join(d, E.MANIFEST), "w").write("{not json"),
+                         "manifest.json is unreadable"),
+    "fp8_weights": (lambda d: os.remove(os.path.join(d, "weights", "audio_dit.fp8.safetensors")),
+                    "weights/audio_dit.fp8.safetensors is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_generate_refuses_a_damaged_engine(case, engines, tiny_ckpt, tmp_path, capsys):
+    damage, match = DAMAGED[case]
+    engine = damaged_copy(engines["fp8"], tmp_path / "engine")
+    damage(engine)
+    code, errors, out = _generate(capsys, tmp_path, tiny_ckpt, engine)
+    assert code == 2 and len(errors) == 1 and match in errors[0], errors
+    assert not out.exists()
+
+
+def test_generate_refuses_a_missing_engine_folder(tiny_ckpt, tmp_path, capsys):
+    code, errors, _ = _generate(capsys, tmp_path, tiny_ckpt, str(tmp_path / "nope"))
+    assert code == 2 and "is not a folder" in errors[0]
+
+
+def test_build_and_generate_from_the_command_line(tmp_path, tiny_ckpt):
+    """As a user runs it: two processes, the engine written by one and run by the other; the
+    mp4 is written and the summary says the engine ran."""
+    env = dict(os.environ, MOVA_RT_CACHE=str(tmp_path / "cache"))
+    engine, out = tmp_path / "engines" / "tiny", tmp_path / "x.mp4"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mova_rt", *a], capture_output=True,
+                                    text=True, env=env, timeout=600)
+    size = ("--height", "64", "--width", "96", "--num_frames", "17")
+    r = run("build", "--ckpt_path", tiny_ckpt, *size, "--out", str(engine))
+    assert r.returncode == 0, r.stderr
+    assert "wrote engine" in r.stdout and "Traceback" not in r.stderr
+    r = run("build", "--ckpt_path", tiny_ckpt, "--out", str(engine))
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "--ckpt_path", tiny_ckpt, "--prompt", "x", *size,
+            "--num_inference_steps", "3", "--no-progress",
+            "--engine", str(engine), "--output_path", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and f"engine {engine}" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT backend: the ONNX export (here), the engines (where TensorRT is installed)
+# ---------------------------------------------------------------------------------------------
+def test_onnx_export_of_every_unit_matches_pytorch(tiny_ckpt, tmp_path):
+    """Each unit exported as the tensorrt backend exports it (dynamo, weights as inputs, batch
+    dynamic), run by onnxruntime at batch 1 and 3 against the PyTorch layer: fp32 weights, so
+    the comparison is the export's, not a dtype's (onnxruntime's CPU kernels lack bf16)."""
+    ort = pytest.importorskip("onnxruntime")
+    from mova_rt.benchmarks.flops import clip_shapes
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32", towers_only=True)
+    shapes = clip_shapes(pipe.cfg, **SIZE)
+    specs = E.unit_specs(pipe, shapes)
+    assert [s.name for s in specs] == ["video_block", "audio_block", "bridge_layer"]
+    for spec in specs:
+        path = str(tmp_path / f"{spec.name}.onnx")
+        info = E.export_onnx(spec, path, torch.device("cpu"))
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        assert names == info["input_names"][:len(names)]
+        fn = E.Functional(spec.template, spec.kind)
+        for batch in (1, 3):
+            weights, acts = E.example_inputs(spec, "cpu", batch=batch, seed=batch)
+            feed = dict(zip(info["input_names"], [t.numpy() for t in weights + acts]))
+            got = session.run(None, {k: feed[k] for k in names})
+            want = fn(weights, acts)
+            want = [want] if spec.kind == "block" else list(want)
+            for g, w in zip(got, want):
+                err = float(torch.tensor(g).sub(w).norm() / w.norm())
+                assert err < 1e-5, (spec.name, batch, err)
+
+
+@pytest.mark.skipif(E.tensorrt_module() is None or not torch.cuda.is_available(),
+                    reason="TensorRT and a GPU are needed (neither can be installed here)")
+def test_tensorrt_engine_matches_eager(tiny_ckpt, tmp_path):
+    path = str(tmp_path / "trt")
+    E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", device="cuda", **SIZE), path)
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16")
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16", engine=path)
+    a, b = eager(**RUN), pipe(**RUN)
+    fp32 = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="fp32")(**RUN)
+    for name in ("video_latents", "audio_latents"):
+        assert rel(getattr(a, name), getattr(b, name)) <= 1.5 * max(
+            rel(getattr(a, name), getattr(fp32, name)), 1e-3)
