@@ -176,7 +176,7 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
         for r in runs:
             if not r.alive:
                 continue
-            towers = phase == "warm-up" and k == warmup - 1
+            towers = phase == "warm-up" and k == warmup - 1 and r.rc.tower_timing
             dt = guarded(r, f"{phase} step {k + 1}", towers)
             if dt is None:
                 continue
@@ -184,7 +184,7 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
             log(f"{r.rc.name}: {phase} step {k + 1}/{warmup if phase == 'warm-up' else steps} "
                 f"{dt:.3f} s")
     for r in runs:
-        if r.alive and warmup == 0:   # tower breakdown from one extra, untimed step
+        if r.alive and warmup == 0 and r.rc.tower_timing:   # tower breakdown: an extra step
             guarded(r, "tower-timing step", towers=True)
         if r.alive:
             finite = all(bool(torch.isfinite(x).all()) for x in r.state.values())

@@ -44,14 +44,15 @@ class RuntimeConfig:
     description: str
     prepare: Callable   # (shared: dict of weight modules, cfg, scheduler, cfg_scale, fps) -> Runner
     host_weights: bool = False   # wants the shared weights in host memory (offload)
+    tower_timing: bool = True    # per-tower hooks (not on compiled layers: they would be traced)
 
 
 CONFIGS: dict[str, RuntimeConfig] = {}
 
 
-def register(name: str, description: str, host_weights: bool = False):
+def register(name: str, description: str, host_weights: bool = False, tower_timing: bool = True):
     def deco(fn):
-        CONFIGS[name] = RuntimeConfig(name, description, fn, host_weights)
+        CONFIGS[name] = RuntimeConfig(name, description, fn, host_weights, tower_timing)
         return fn
     return deco
 
@@ -153,14 +154,72 @@ register("fp8-cublas", "as reference, with fp8 Linear layers through torch._scal
          "(cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
 
 
-def parse_configs(text: str) -> list[RuntimeConfig]:
+def parse_configs(text: str, extra: dict | None = None) -> list[RuntimeConfig]:
+    """extra: configurations of this run only (`engine`, from --engine)."""
+    known = dict(CONFIGS, **(extra or {}))
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise MovaInputError("--configs is empty: name at least one, e.g. --configs reference")
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in known]
     if unknown:
+        hint = " (engine needs --engine DIR)" if "engine" in unknown else ""
         raise MovaInputError(f"unknown configuration(s) {', '.join(unknown)} in --configs: choose "
-                             f"from {', '.join(CONFIGS)}")
+                             f"from {', '.join(known)}{hint}")
     if len(set(names)) != len(names):
         raise MovaInputError(f"--configs names a configuration twice: {text}")
-    return [CONFIGS[n] for n in names]
+    return [known[n] for n in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled layers: Inductor just in time, and ahead-of-time engines (mova_rt/engine.py)
+# ---------------------------------------------------------------------------------------------
+def compile_layers(video, audio, bridge, device: torch.device) -> None:
+    """torch.compile on every block and bridge conditioner (regional: one graph per layer kind,
+    reused by every layer), with the settings `mova-rt build` gives AOTInductor, so this is the
+    JIT twin of an inductor engine: it pays tracing, compilation and autotuning at the first
+    step instead of at build time."""
+    from mova_rt.engine import inductor_options
+    options = inductor_options(device, autotune=True)
+    layers = [*video.blocks, *audio.blocks, *bridge.audio_to_video_conditioners.values(),
+              *bridge.video_to_audio_conditioners.values()]
+    for layer in layers:
+        layer.compile(dynamic=False, options=options)
+
+
+def _inductor_jit(shared, cfg, scheduler, cfg_scale, fps):
+    runner = eager_runner("reference", cfg_batch=True)(shared, cfg, scheduler, cfg_scale, fps)
+    compile_layers(runner.video_dit, runner.audio_dit, runner.bridge, _compute_device())
+    return runner
+
+
+register("inductor-jit", "cfg-batch with every block and bridge layer under torch.compile "
+         "(Inductor, autotuned on CUDA): compiled at the first steps, the JIT twin of an "
+         "engine", tower_timing=False)(_inductor_jit)
+
+
+def engine_config(path: str, shapes) -> RuntimeConfig:
+    """The configuration `engine` of `mova-rt bench --engine DIR`: cfg-batch whose blocks and
+    bridge layers run the engine's compiled units over the shared weights (fp8 engines: the
+    shared weights quantized as the engine's were). The engine must fit the bench's clip size
+    and this machine; its checkpoint is not checked (units take the weights as inputs)."""
+    from mova_rt.engine import open_engine
+    engine = open_engine(path)
+
+    def prepare(shared, cfg, scheduler, cfg_scale, fps):
+        from types import SimpleNamespace
+        device = _compute_device()
+        engine.check_machine(device)
+        engine.check_request(shapes.height, shapes.width, shapes.num_frames, fps, 2)
+        runner = eager_runner(engine.kernels, cfg_batch=True)(shared, cfg, scheduler, cfg_scale,
+                                                              fps)
+        if engine.precision == "fp8":
+            from mova_rt import quantize
+            quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+                            "dual_tower_bridge": runner.bridge}, gemm="scaled_mm")
+        engine.install(SimpleNamespace(video_dit=runner.video_dit, video_dit_2=None,
+                                       audio_dit=runner.audio_dit, bridge=runner.bridge,
+                                       device=device))
+        return runner
+    r = engine.request
+    return RuntimeConfig("engine", f"cfg-batch on the {r['backend']} {r['precision']} engine "
+                                   f"{path} (units compiled ahead of time)", prepare)

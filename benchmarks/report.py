@@ -62,6 +62,8 @@ def print_report(data: dict):
                                           else f": {b['message']}"))
     if data.get("configs"):
         _config_table(data["configs"])
+    if data.get("cold_start"):
+        _cold_start_table(data["cold_start"])
     if data.get("ops"):
         _ops_table(data["ops"])
     if data.get("stages"):
@@ -92,6 +94,25 @@ def _config_table(rows: list[dict]):
               f"{r['peak_vram_allocated_gib']:>9.2f}/{r['peak_vram_device_gib']:<9.2f}"
               f"{r['peak_rss_gib']:>9.2f}  {r['status']}" + (f" ({r['message']})"
                                                             if r.get("message") else ""))
+
+
+def _cold_start_table(c: dict):
+    read = c["disk_read"]
+    print(f"cold start ({c['precision']}, {c['steps']} steps per process): weights "
+          f"{read['bytes'] / 1e9:.2f} GB, read once in {read['seconds']:.2f} s = "
+          f"{_fmt(read['gb_per_s'])} GB/s (page cache "
+          f"{'dropped' if read['page_cache_dropped'] else 'NOT dropped: a warm-cache read'})")
+    print(f"{'mode':<14}{'to 1st step s':>14}{'import s':>10}{'load s':>9}{'text+vae s':>11}"
+          f"{'1st step s':>11}{'later step s':>13}{'vs weights read':>16}")
+    bound = c.get("weights_read_bound_s")
+    for r in c["modes"]:
+        if r["status"] != "ok":
+            print(f"{r['mode']:<14}{r['status']}: {r.get('message', '')}")
+            continue
+        ratio = r["process_to_first_step_s"] / bound if bound else None
+        print(f"{r['mode']:<14}{r['process_to_first_step_s']:>14.2f}{r['import_s']:>10.2f}"
+              f"{r['load_s']:>9.2f}{r['text_and_vae_s']:>11.2f}{r['first_step_s']:>11.3f}"
+              f"{_fmt(r['later_step_median_s'], '.3f'):>13}{_fmt(ratio, '.2f') + 'x':>16}")
 
 
 def _ops_table(rows: list[dict]):

@@ -6,6 +6,8 @@
 3. `--ops`: per-op microbenchmarks at the real shapes, every available backend;
 4. the step benchmark of `--configs`, side by side on shared weights (unless `--steps 0`);
 5. `--time-stages`: text encoding and the VAEs, apart from the steps;
+6. `--cold-start`: process start to the first step, and the first steps, in fresh processes, with
+   and without an engine (`--engine DIR` also adds the configuration `engine` to step 4);
 then a table on stdout, the JSON (rewritten after every phase, so a cut-off run keeps what it
 measured) and a PNG chart. `--device meta` stops after 1: the full-size path without a GPU.
 Out of memory is a result, not a crash.
@@ -68,6 +70,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="PNG chart (default: the JSON path with .png)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only render the table and chart of an existing results file")
+    p.add_argument("--engine", default=None, metavar="DIR",
+                   help="an engine from `mova-rt build` for this clip size: adds the "
+                        "configuration `engine` and the engine row of --cold-start")
+    p.add_argument("--cold-start", dest="cold_start", action="store_true",
+                   help="time process start -> first denoising step in fresh processes (eager, "
+                        "triton, inductor-jit, engine); needs --ckpt_path or --preset tiny")
+    p.add_argument("--cold-steps", dest="cold_steps", type=int, default=3,
+                   help="denoising steps each cold-start process runs (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -98,7 +108,6 @@ def _validate(args) -> tuple:
         raise MovaInputError("--num_inference_steps must be at least 1")
     if args.fps <= 0:
         raise MovaInputError(f"--fps {args.fps} must be positive")
-    configs = parse_configs(args.configs)
     if args.vram_budget is not None:
         if device.type != "cuda":
             raise MovaInputError("--vram-budget caps GPU memory: it needs --device cuda")
@@ -112,6 +121,21 @@ def _validate(args) -> tuple:
     cfg = load_config(args.ckpt_path) if args.ckpt_path else preset_config(args.preset)
     h, w, f = PRESET_SIZES[args.preset]
     shapes = clip_shapes(cfg, args.height or h, args.width or w, args.num_frames or f, args.fps)
+    extra = {}
+    if args.engine:
+        from .configs import engine_config
+        extra["engine"] = engine_config(args.engine, shapes)
+        if "engine" not in [n.strip() for n in args.configs.split(",")]:
+            args.configs += ",engine"
+    configs = parse_configs(args.configs, extra)
+    if args.cold_start:
+        if args.cold_steps < 2:
+            raise MovaInputError("--cold-steps must be at least 2 (the first step and a later one)")
+        if not args.ckpt_path and args.preset != "tiny":
+            raise MovaInputError("--cold-start times reading a checkpoint: pass --ckpt_path (or "
+                                 "--preset tiny for the embedded tiny model)")
+        if device.type == "meta":
+            raise MovaInputError("--cold-start runs the model: use --device cuda or cpu")
     if args.json is None:
         args.json = default_json_name(device, args.preset)
     check_output_path(args.json, suffix=".json")
@@ -199,6 +223,15 @@ def run(args) -> int:
 
     if args.steps > 0:
         _step_phase(args, cfg, shapes, device, configs, data, log)
+        write_json(args.json, data)
+
+    if args.cold_start:
+        from .cold_start import run_cold_start
+        from mova_rt.tiny import embedded_tiny_checkpoint
+        ckpt = args.ckpt_path or embedded_tiny_checkpoint()
+        kernels_ok = device.type == "cuda"
+        data["cold_start"] = run_cold_start(ckpt, args.engine, shapes, device, args.cold_steps,
+                                            kernels_ok, log)
         write_json(args.json, data)
 
     if args.time_stages:

@@ -405,3 +405,43 @@ def test_tensorrt_engine_matches_eager(tiny_ckpt, tmp_path):
     for name in ("video_latents", "audio_latents"):
         assert rel(getattr(a, name), getattr(b, name)) <= 1.5 * max(
             rel(getattr(a, name), getattr(fp32, name)), 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench: step time with the engine, cold start with and without it
+# ---------------------------------------------------------------------------------------------
+def test_bench_engine_config_and_cold_start(engines, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOVA_RT_CACHE", str(tmp_path / "cache"))
+    # the embedded tiny checkpoint is the engine's only if it is the same files: point the
+    # bench at the engine's checkpoint through --ckpt_path
+    ckpt = json.load(open(os.path.join(engines["bf16"], E.MANIFEST)))["checkpoint"]["path"]
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--ckpt_path", ckpt,
+                 "--configs", "reference", "--engine", engines["bf16"], "--warmup", "1",
+                 "--steps", "2", "--cold-start", "--cold-steps", "2", "--json", str(path),
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    data = json.load(open(path))
+    rows = {r["name"]: r for r in data["configs"]}
+    assert set(rows) == {"reference", "engine"} and rows["engine"]["status"] == "ok"
+    assert len(rows["engine"]["step_s"]["samples"]) == 2 and rows["engine"]["step_s"]["median"] > 0
+    cold = data["cold_start"]
+    modes = {r["mode"]: r for r in cold["modes"]}
+    assert set(modes) == {"eager", "inductor-jit", "engine"}, modes
+    for r in modes.values():
+        assert r["status"] == "ok", r
+        assert 0 < r["import_s"] < r["process_to_first_step_s"]
+        assert r["first_step_s"] > 0 and len(r["later_steps_s"]) == 1
+    assert cold["disk_read"]["bytes"] > 0 and cold["disk_read"]["files"] >= 4
+    assert "cold start (bf16" in out and "inductor-jit" in out
+
+
+def test_bench_engine_must_fit_the_clip(engines, tmp_path, capsys):
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--height", "80",
+                 "--configs", "reference", "--engine", engines["bf16"], "--warmup", "0",
+                 "--steps", "1", "--json", str(tmp_path / "b.json"), "--no-progress"])
+    assert code == 0      # a configuration that cannot run is a result, not a crash
+    rows = {r["name"]: r for r in json.load(open(tmp_path / "b.json"))["configs"]}
+    assert rows["engine"]["status"] == "unavailable"
+    assert "--height 80 (built for 64)" in rows["engine"]["message"]
