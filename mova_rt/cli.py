@@ -136,6 +136,9 @@ def _build_parser(sub):
                                      "precision (an engine for generate --engine)")
     b.add_argument("--ckpt_path", default=None,
                    help="MOVA checkpoint folder (default: the embedded tiny model)")
+    b.add_argument("--preset", default=None,
+                   help="instead of a checkpoint: a preset's architecture with random weights "
+                        "(mova-360p, mova-720p), an engine for `mova-rt bench --engine` only")
     b.add_argument("--height", type=int, default=None, help="default 720 (tiny model: 64)")
     b.add_argument("--width", type=int, default=None, help="default 1280 (tiny model: 96)")
     b.add_argument("--num_frames", type=int, default=None, help="default 193 (tiny model: 17)")
@@ -162,15 +165,24 @@ def cmd_build(args) -> int:
     from .engine import BuildRequest, build
     from .tiny import embedded_tiny_checkpoint
 
-    tiny = args.ckpt_path is None
-    defaults = dict(zip(("height", "width", "num_frames"), PRESET_SIZES["tiny"])) if tiny \
-        else REFERENCE_DEFAULTS
+    from .config import PRESETS
+    if args.preset is not None:
+        if args.ckpt_path is not None:
+            raise MovaInputError("--preset builds from random weights: drop --ckpt_path or "
+                                 "--preset")
+        if args.preset not in PRESETS:
+            raise MovaInputError(f"unknown --preset {args.preset}: choose one of "
+                                 f"{', '.join(PRESETS)}")
+    tiny = args.ckpt_path is None and args.preset is None
+    defaults = dict(zip(("height", "width", "num_frames"), PRESET_SIZES[args.preset or "tiny"])) \
+        if args.ckpt_path is None else REFERENCE_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
     req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
-                       args.backend, args.kernels, args.device, args.autotune, args.opt_batch)
+                       args.backend, args.kernels, args.device, args.autotune, args.opt_batch,
+                       preset=args.preset)
     t0 = time.perf_counter()
     manifest = build(req, args.out, log=lambda m: print(f"build: {m}", file=sys.stderr))
     size = sum(a["bytes"] for a in manifest["artifacts"].values())

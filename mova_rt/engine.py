@@ -406,8 +406,10 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def build_command(ckpt: str, request: dict, out: str = "build/engines/NAME") -> str:
-    return (f"mova-rt build --ckpt_path {ckpt} --height {request['height']} --width "
+def build_command(ckpt: str | None, request: dict, out: str = "build/engines/NAME",
+                  preset: str | None = None) -> str:
+    source = f"--ckpt_path {ckpt}" if ckpt else f"--preset {preset}"
+    return (f"mova-rt build {source} --height {request['height']} --width "
             f"{request['width']} --num_frames {request['num_frames']} --fps {request['fps']:g} "
             f"--precision {request['precision']} --backend {request['backend']} --out {out}")
 
@@ -417,7 +419,7 @@ def build_command(ckpt: str, request: dict, out: str = "build/engines/NAME") -> 
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BuildRequest:
-    ckpt: str
+    ckpt: str | None              # None: `preset` (random weights; an engine for the benchmark)
     height: int
     width: int
     num_frames: int
@@ -428,6 +430,7 @@ class BuildRequest:
     device: str | None = None
     autotune: bool = True
     opt_batch: int = 2        # TensorRT's profile optimum: CFG's two passes batched
+    preset: str | None = None
 
     def as_dict(self) -> dict:
         return {"height": self.height, "width": self.width, "num_frames": self.num_frames,
@@ -490,18 +493,28 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
     from . import quantize
 
     device = check_build_request(req)
-    cfg = load_config(req.ckpt)
+    if req.ckpt is None:
+        from .config import preset_config
+        if req.preset is None:
+            raise MovaInputError("build needs --ckpt_path (or --preset for a benchmark engine)")
+        cfg = preset_config(req.preset)
+    else:
+        cfg = load_config(req.ckpt)
     shapes = clip_shapes(cfg, req.height, req.width, req.num_frames, req.fps)
     t_start = time.perf_counter()
     with new_folder(out, ".mova-engine-") as tmp:
-        log(f"loading {req.ckpt} ({req.precision})")
         # the towers only: a unit's weights are inputs, so what is compiled does not depend on
         # their values (fp8: the quantized weights are stored here, once)
-        pipe = MovaPipeline.from_pretrained(req.ckpt, device=device, dtype="bf16",
-                                            kernels=req.kernels, precision=req.precision,
-                                            towers_only=True)
+        if req.ckpt is None:
+            log(f"random {req.preset} towers ({req.precision}): an engine for `mova-rt bench`")
+            pipe = _preset_towers(cfg, device, req.precision, req.kernels)
+        else:
+            log(f"loading {req.ckpt} ({req.precision})")
+            pipe = MovaPipeline.from_pretrained(req.ckpt, device=device, dtype="bf16",
+                                                kernels=req.kernels, precision=req.precision,
+                                                towers_only=True)
         weights = None
-        if req.precision == "fp8":
+        if req.precision == "fp8" and req.ckpt is not None:
             log("writing the fp8 weights")
             quantize.save(pipe.fp8_weights, req.ckpt, os.path.join(tmp, "weights"))
             weights = {"dir": "weights", "format": quantize.FORMAT, "scheme": quantize.SCHEME}
@@ -538,8 +551,9 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
         manifest = {
             "format": FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "checkpoint": {"path": os.path.abspath(req.ckpt),
-                           "digest": quantize.source_digest(req.ckpt)},
+            "checkpoint": ({"path": os.path.abspath(req.ckpt),
+                            "digest": quantize.source_digest(req.ckpt)} if req.ckpt else
+                           {"path": None, "digest": f"preset:{req.preset}"}),
             "config": {"digest": config_digest(cfg), "model": config_json(cfg)},
             "request": req.as_dict(),
             "shapes": {"video_tokens": shapes.L_v, "audio_tokens": shapes.L_a,
@@ -558,6 +572,24 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
     return manifest
 
 
+def _preset_towers(cfg, device, precision: str, kernels: str):
+    """A preset's towers with random bf16 weights (the benchmark's), as a pipeline-like object:
+    enough to compile units, which take the weights as inputs. One expert is built: the
+    presets' two experts share a config."""
+    from types import SimpleNamespace
+    from .benchmarks.bench_step import build_shared_weights
+    from .benchmarks.configs import eager_runner
+    from .scheduler import FlowMatchScheduler
+    shared = build_shared_weights(cfg, device, None, seed=0)
+    runner = eager_runner(kernels)(shared, cfg, FlowMatchScheduler(cfg.scheduler, 50), 5.0, 24.0)
+    if precision == "fp8":
+        from . import quantize
+        quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+                        "dual_tower_bridge": runner.bridge}, gemm="scaled_mm")
+    return SimpleNamespace(cfg=cfg, video_dit=runner.video_dit, video_dit_2=runner.video_dit,
+                           audio_dit=runner.audio_dit, bridge=runner.bridge, device=device)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Open, check, install
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +604,9 @@ class Engine:
 
     def fix(self, ckpt: str | None = None, **changes) -> str:
         req = dict(self.request, **changes)
-        return build_command(ckpt or self.manifest["checkpoint"]["path"], req)
+        digest = self.manifest["checkpoint"]["digest"]
+        preset = digest[len("preset:"):] if digest.startswith("preset:") else None
+        return build_command(ckpt or self.manifest["checkpoint"]["path"], req, preset=preset)
 
     @property
     def fp8_weights(self) -> str | None:
@@ -612,6 +646,10 @@ class Engine:
                     lora: bool) -> None:
         from . import quantize
         built = self.manifest["checkpoint"]
+        if built["path"] is None:
+            raise MovaInputError(f"engine {self.path} was built from random {built['digest']} "
+                                 f"weights, for `mova-rt bench --engine`: build one for {ckpt} "
+                                 f"with `{self.fix(ckpt)}`")
         if quantize.source_digest(ckpt) != built["digest"]:
             raise MovaInputError(f"engine {self.path} was built from another checkpoint "
                                  f"({built['path']}), not {ckpt}: build one for it with "

@@ -445,3 +445,20 @@ def test_bench_engine_must_fit_the_clip(engines, tmp_path, capsys):
     rows = {r["name"]: r for r in json.load(open(tmp_path / "b.json"))["configs"]}
     assert rows["engine"]["status"] == "unavailable"
     assert "--height 80 (built for 64)" in rows["engine"]["message"]
+
+
+def test_preset_engine_runs_in_bench_and_is_refused_by_generate(tmp_path, tiny_ckpt, capsys):
+    """`build --preset`: random weights, an engine for the benchmark only."""
+    engine = str(tmp_path / "preset")
+    assert main(["build", "--preset", "tiny", "--out", engine]) == 0
+    m = json.load(open(os.path.join(engine, E.MANIFEST)))
+    assert m["checkpoint"] == {"path": None, "digest": "preset:tiny"}
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--configs", "reference",
+                 "--engine", engine, "--warmup", "0", "--steps", "1", "--json",
+                 str(tmp_path / "b.json"), "--no-progress"])
+    rows = {r["name"]: r for r in json.load(open(tmp_path / "b.json"))["configs"]}
+    assert code == 0 and rows["engine"]["status"] == "ok", rows["engine"]
+    capsys.readouterr()
+    code, errors, _ = _generate(capsys, tmp_path, tiny_ckpt, engine)
+    assert code == 2 and "random preset:tiny weights" in errors[0]
+    assert f"--ckpt_path {tiny_ckpt}" in errors[0]
