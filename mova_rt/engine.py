@@ -707,41 +707,42 @@ class Engine:
     def install(self, pipe) -> None:
         """Every block of the towers and every interaction layer of the bridge runs its unit
         (a class swap: weights, hooks and state dict stay the module's own)."""
-        by_tower = {}
+        by_tower, runners = {}, {}
         for name, entry in self.manifest["units"].items():
-            runner = None
             for tower in entry["towers"]:
-                by_tower[tower] = (name, entry)
-            runner = self.load_unit(name, pipe.device)
-            entry["_runner"] = runner
+                by_tower[tower] = name
+            runners[name] = self.load_unit(name, pipe.device)
+        units = self.manifest["units"]
         for tower in ("video_dit", "video_dit_2", "audio_dit"):
-            dit = getattr(pipe, {"video_dit": "video_dit", "video_dit_2": "video_dit_2",
-                                 "audio_dit": "audio_dit"}[tower])
+            dit = getattr(pipe, tower)
             if dit is None:
                 continue
             if tower not in by_tower:
                 raise self._damaged(f"it has no unit for {tower}")
-            name, entry = by_tower[tower]
+            name = by_tower[tower]
             for block in dit.blocks:
-                self._check_weights(name, entry, weight_signature(block))
+                self._check_weights(name, units[name], weight_signature(block))
                 block.__class__ = _engine_class(type(block), EngineBlock)
-                block._engine_unit = entry["_runner"]
-                block._engine_tokens = entry["inputs"]["x"][0][1]
+                block._engine_unit = runners[name]
+                block._engine_tokens = units[name]["inputs"]["x"][0][1]
+                # the Parameter objects (offload rebinds their .data, never replaces them)
+                block._engine_params = [p for _, p in block.named_parameters()]
         bridge = pipe.bridge
         if bridge.layers:
             if "dual_tower_bridge" not in by_tower:
                 raise self._damaged("it has no unit for the bridge")
-            name, entry = by_tower["dual_tower_bridge"]
+            name = by_tower["dual_tower_bridge"]
+            params = {}
             for i in bridge.layers:
                 layer = BridgeLayer(bridge.audio_to_video_conditioners[str(i)],
                                     bridge.video_to_audio_conditioners[str(i)])
-                self._check_weights(name, entry, weight_signature(layer))
+                self._check_weights(name, units[name], weight_signature(layer))
+                params[i] = [p for _, p in layer.named_parameters()]
             bridge.__class__ = _engine_class(type(bridge), EngineBridge)
-            bridge._engine_unit = entry["_runner"]
-            bridge._engine_tokens = (entry["inputs"]["video"][0][1],
-                                     entry["inputs"]["audio"][0][1])
-        for entry in self.manifest["units"].values():
-            entry.pop("_runner", None)
+            bridge._engine_unit = runners[name]
+            bridge._engine_params = params
+            bridge._engine_tokens = (units[name]["inputs"]["video"][0][1],
+                                     units[name]["inputs"]["audio"][0][1])
 
     def _check_weights(self, name: str, entry: dict, signature: list) -> None:
         if signature != entry["weights"]:
@@ -842,9 +843,8 @@ class EngineBlock(nn.Module):
             t_mod = t_mod.expand(b, -1, -1)
         k, v = text_kv
         cos, sin = rope.tables()
-        weights = [p for _, p in self.named_parameters()]
         acts = [a.contiguous() for a in (x, k, v, t_mod, cos, sin)]   # no-ops when they are
-        return self._engine_unit(weights, acts)
+        return self._engine_unit(self._engine_params, acts)
 
 
 class EngineBridge(nn.Module):
@@ -857,11 +857,9 @@ class EngineBridge(nn.Module):
         a2v = self.audio_to_video_conditioners[str(i)]
         v2a = self.video_to_audio_conditioners[str(i)]
         with materialized(a2v), materialized(v2a):     # streamed weights bound (--offload group)
-            weights = ([p for _, p in a2v.named_parameters()] +
-                       [p for _, p in v2a.named_parameters()])
             acts = [video, audio]
             if video_rope is not None:
                 acts += [*video_rope.tables(), *audio_rope.tables()]
             acts = [a.contiguous() for a in acts]
-            out = self._engine_unit(weights, acts)
+            out = self._engine_unit(self._engine_params[i], acts)
         return tuple(out)
