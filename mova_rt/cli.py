@@ -161,11 +161,10 @@ def _build_parser(sub):
 
 
 def cmd_build(args) -> int:
-    from .config import PRESET_SIZES
+    from .config import PRESET_SIZES, PRESETS
     from .engine import BuildRequest, build
     from .tiny import embedded_tiny_checkpoint
 
-    from .config import PRESETS
     if args.preset is not None:
         if args.ckpt_path is not None:
             raise MovaInputError("--preset builds from random weights: drop --ckpt_path or "

@@ -601,6 +601,8 @@ class Engine:
         self.backend = self.request["backend"]
         self.precision = self.request["precision"]
         self.kernels = self.request["kernels"]
+        self._passed: set = set()     # checks already passed (the CLI checks before loading,
+                                      # from_pretrained again: the digest is read once)
 
     def fix(self, ckpt: str | None = None, **changes) -> str:
         req = dict(self.request, **changes)
@@ -617,6 +619,8 @@ class Engine:
     def check_machine(self, device) -> None:
         """The device kind, GPU capability and library versions the artifacts were built with."""
         device = torch.device(device)
+        if ("machine", str(device)) in self._passed:
+            return
         built, here = self.manifest["machine"], machine(device)
         if built["device"] != here["device"]:
             what = built["device"] + (f" ({built['name']}, compute capability "
@@ -641,10 +645,14 @@ class Engine:
         if built["name"] != here["name"]:
             warnings.warn(f"engine {self.path} was tuned on {built['name']}, this GPU is "
                           f"{here['name']} (same capability): it runs, maybe not at its best")
+        self._passed.add(("machine", str(device)))
 
     def check_model(self, ckpt: str, precision: str | None, kernels: str | None,
                     lora: bool) -> None:
         from . import quantize
+        key = ("model", os.path.abspath(ckpt), precision, kernels, lora)
+        if key in self._passed:
+            return
         built = self.manifest["checkpoint"]
         if built["path"] is None:
             raise MovaInputError(f"engine {self.path} was built from random {built['digest']} "
@@ -670,6 +678,7 @@ class Engine:
                                  "LoRA: use a bf16 engine with --lora_path (its weights are read "
                                  "from the checkpoint, LoRA merged), or merge the LoRA into the "
                                  "checkpoint and rebuild")
+        self._passed.add(key)
 
     def check_request(self, height: int, width: int, num_frames: int, fps: float,
                       passes: int = 1, ckpt: str | None = None) -> None:
