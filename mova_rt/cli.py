@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
                                          "generate --precision fp8 --fp8_weights)")
     qp.add_argument("--ckpt_path", required=True, help="MOVA checkpoint folder (official layout)")
     qp.add_argument("--out", required=True, help="new folder for the fp8 weights and manifest")
+    qp.add_argument("--calibrate", action="store_true",
+                    help="also calibrate static per-tensor activation scales (nvidia-modelopt, "
+                         "max calibration) over short generations: what TensorRT fp8 engines "
+                         "need; without it activations are quantized per token at run time")
+    qp.add_argument("--prompt", action="append", default=None,
+                    help="--calibrate: a calibration prompt (repeat for several)")
+    qp.add_argument("--ref_path", default=None, help="--calibrate: the first frame (default "
+                                                     "white)")
+    qp.add_argument("--height", type=int, default=None,
+                    help="--calibrate: clip height, best the engine's (default 720)")
+    qp.add_argument("--width", type=int, default=None, help="--calibrate: default 1280")
+    qp.add_argument("--num_frames", type=int, default=None, help="--calibrate: default 193")
+    qp.add_argument("--calib_steps", type=int, default=8,
+                    help="--calibrate: denoising steps per prompt (all of them calibrate)")
+    qp.add_argument("--seed", type=int, default=42)
+    qp.add_argument("--device", default=None, help="--calibrate: cpu, cuda or cuda:N (default: "
+                                                   "cuda if present)")
     _build_parser(sub)
     sub.add_parser("info", help="version, devices and optional backends")
     from .benchmarks.suite import add_parser as add_bench_parser
@@ -422,10 +439,33 @@ def _summary(pipe, out, args, total):
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import SCHEME, quantize_checkpoint
+    from .quantize import SCHEME, calibrate_checkpoint, quantize_checkpoint
 
-    quantize_checkpoint(args.ckpt_path, args.out)
-    print(f"wrote fp8 weights ({SCHEME}) of {args.ckpt_path} to {args.out}")
+    calib_only = [f"--{k}" for k in ("prompt", "ref_path", "height", "width", "num_frames",
+                                     "device") if getattr(args, k) is not None]
+    if not args.calibrate:
+        if calib_only:
+            raise MovaInputError(f"{' '.join(calib_only)} describe calibration inputs: add "
+                                 "--calibrate, or drop them")
+        quantize_checkpoint(args.ckpt_path, args.out)
+        print(f"wrote fp8 weights ({SCHEME}) of {args.ckpt_path} to {args.out}")
+        return 0
+    if not args.prompt:
+        raise MovaInputError("--calibrate needs at least one --prompt (calibration runs short "
+                             "generations; use prompts like the ones you will generate)")
+    if args.calib_steps < 1:
+        raise MovaInputError("--calib_steps must be at least 1")
+    for k, v in REFERENCE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    calibrate_checkpoint(args.ckpt_path, args.out, args.prompt, args.ref_path, args.height,
+                         args.width, args.num_frames, args.calib_steps, args.seed, device,
+                         log=lambda m: print(f"quantize: {m}", file=sys.stderr))
+    print(f"wrote fp8 weights ({SCHEME}, static activation scales calibrated on "
+          f"{len(args.prompt)} prompt(s) x {args.calib_steps} steps at {args.width}x"
+          f"{args.height}, {args.num_frames} frames) of {args.ckpt_path} to {args.out}")
     return 0
 
 

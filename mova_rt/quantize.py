@@ -147,10 +147,34 @@ class Fp8Linear(nn.Module):
         return quantize_activations(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None and torch.onnx.is_in_onnx_export():
+            return self.onnx_qdq(x)
         lead = x.shape[:-1]
         x_q, x_scale = self.quantize_input(x.reshape(-1, self.in_features))   # [M, K], [M]
         y = self.gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return y.view(*lead, self.out_features)
+
+    def onnx_qdq(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer as ONNX QuantizeLinear / DequantizeLinear nodes (opset 19, e4m3fn,
+        saturating), the form TensorRT fuses into an fp8 GEMM: x (fp32) -> Q(s_x) -> DQ(s_x);
+        W_q -> DQ(s_w, axis 0); MatMul, + bias, in fp32, rounded once to x's dtype: the
+        reference's numerics. Only while torch.onnx.export traces a calibrated layer (TensorRT
+        takes build-time constant scales: no per-token form)."""
+        from torch.onnx import ops
+        xf = x.float()
+        zero = torch.zeros((), dtype=FP8, device=x.device)
+        q = ops.symbolic("QuantizeLinear", [xf, self.input_scale, zero], attrs={"saturate": 1},
+                         dtype=FP8, shape=xf.shape, version=19)
+        xd = ops.symbolic("DequantizeLinear", [q, self.input_scale, zero], attrs={},
+                          dtype=torch.float32, shape=xf.shape, version=19)
+        zeros = torch.zeros(self.out_features, dtype=FP8, device=x.device)
+        w = ops.symbolic("DequantizeLinear", [self.weight, self.weight_scale, zeros],
+                         attrs={"axis": 0}, dtype=torch.float32, shape=self.weight.shape,
+                         version=19)
+        y = xd @ w.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         act = "static input scale" if self.input_scale is not None else "per-token inputs"
@@ -384,6 +408,16 @@ def quantize_checkpoint(ckpt: str, out: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # 4. Optional calibration through nvidia-modelopt (static activation scales)
 # ---------------------------------------------------------------------------------------------
+def modelopt_quantization():
+    """modelopt.torch.quantization, or MovaInputError when nvidia-modelopt is not installed."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError:
+        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt); "
+                             "dynamic per-token scales need nothing") from None
+    return mtq
+
+
 def calibrate(modules: dict, forward_loop) -> dict:
     """Static per-tensor input scales {component: {layer: amax / 448}} of the quantizable Linear
     layers of modules {component: module}, from nvidia-modelopt's FP8 calibration (max
@@ -391,11 +425,7 @@ def calibrate(modules: dict, forward_loop) -> dict:
     rewrites the modules in place (fake-quant layers): calibrate a throwaway bf16 copy, then
     pass the scales to `apply(..., input_scales=)` (and `save`). Optional: raises
     MovaInputError when modelopt is not installed."""
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError:
-        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt); "
-                             "dynamic per-token scales need nothing") from None
+    mtq = modelopt_quantization()
     layers = {c: set(quantizable(c, m)) for c, m in modules.items() if m is not None}
     holder = nn.ModuleDict({c: m for c, m in modules.items() if m is not None})
     mtq.quantize(holder, mtq.FP8_DEFAULT_CFG, lambda _: forward_loop())
@@ -410,3 +440,47 @@ def calibrate(modules: dict, forward_loop) -> dict:
         raise MovaInputError(f"calibration saw no input for {len(missing)} layers (e.g. "
                              f"{missing[0]}): the forward loop must run every tower")
     return scales
+
+
+def calibrate_checkpoint(ckpt: str, out: str, prompts: list, ref_path: str | None,
+                         height: int, width: int, num_frames: int, steps: int = 8,
+                         seed: int = 42, device="cpu", log=print) -> dict:
+    """`mova-rt quantize --calibrate`: fp8 weights with static input scales, calibrated by
+    nvidia-modelopt over `steps`-step generations of each prompt at the given clip size (both
+    experts run when the schedule crosses their boundary; the bf16 reference kernels, so every
+    quantizable Linear sees its input), written to `out` like `save`. The weights are quantized
+    from the same bf16 tensors (modelopt wraps the Linear layers, it keeps their weights).
+    Returns the scales."""
+    from .pipeline import MovaPipeline
+    modelopt_quantization()               # before the weights are read
+    pipe = MovaPipeline.from_pretrained(ckpt, device=device, dtype="bf16", kernels="reference")
+    towers = {"video_dit": pipe.video_dit, "video_dit_2": pipe.video_dit_2,
+              "audio_dit": pipe.audio_dit, "dual_tower_bridge": pipe.bridge}
+
+    def loop():
+        for i, prompt in enumerate(prompts):
+            log(f"calibrating on prompt {i + 1}/{len(prompts)} ({steps} steps)")
+            pipe(prompt, ref_path=ref_path, height=height, width=width, num_frames=num_frames,
+                 num_inference_steps=steps, seed=seed + i, decode=False, progress=False)
+    scales = calibrate(towers, loop)
+
+    def components():
+        for component, module in towers.items():
+            layers = {}
+            for name, scale in scales[component].items():
+                w_q, w_scale = quantize_rows(module.get_submodule(name).weight.detach())
+                layers[name] = (w_q, w_scale, scale)
+            yield component, layers
+    save(components(), ckpt, out)
+    return scales
+
+
+def activations_of(path: str) -> set:
+    """The activation modes ("static-tensor", "dynamic-token") of an fp8 weights folder's
+    components, from its manifest (empty when it has none: `load` names that problem)."""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+            comps = json.load(fh).get("components", {})
+        return {entry.get("activations", "dynamic-token") for entry in comps.values()}
+    except (OSError, ValueError, AttributeError):
+        return set()

@@ -198,6 +198,18 @@ def test_quantize_command_and_generate_flag(tmp_path, tiny_ckpt):
     assert os.path.getsize(tmp_path / "clip.mp4") > 0
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--prompt", "x"], "--prompt describe calibration inputs: add --calibrate"),
+    (["--calibrate"], "needs at least one --prompt"),
+    (["--calibrate", "--prompt", "x", "--calib_steps", "0"], "--calib_steps must be at least 1"),
+])
+def test_quantize_calibrate_flags_are_checked(tiny_ckpt, tmp_path, capsys, extra, words):
+    from mova_rt.cli import main
+    out = tmp_path / "q"
+    assert main(["quantize", "--ckpt_path", tiny_ckpt, "--out", str(out), *extra]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
 def test_modelopt_calibration_static_scales_end_to_end(tiny_ckpt, tmp_path):
     """quantize.calibrate (nvidia-modelopt, max calibration) on a throwaway bf16 pipeline over
     forwards of both experts: one static input scale per quantized layer; the fp8 model with
