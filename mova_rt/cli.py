@@ -161,11 +161,17 @@ def _build_parser(sub):
     b.add_argument("--num_frames", type=int, default=None, help="default 193 (tiny model: 17)")
     b.add_argument("--fps", type=float, default=24.0)
     b.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    b.add_argument("--fp8_weights", default=None, metavar="DIR",
+                   help="--precision fp8: weights written by `mova-rt quantize` (default: "
+                        "quantized here, per-token activations); --backend tensorrt needs "
+                        "them calibrated (`mova-rt quantize --calibrate`)")
     b.add_argument("--backend", choices=BACKENDS, default="inductor",
                    help="inductor (torch.export + AOTInductor; default) or tensorrt (ONNX -> "
                         "TensorRT engines; needs the tensorrt package and a GPU)")
-    b.add_argument("--kernels", choices=KERNELS, default="reference",
-                   help="the ops traced into the engine (reference: exact RoPE in float64)")
+    b.add_argument("--kernels", choices=KERNELS, default=None,
+                   help="the ops traced into the engine: reference (exact RoPE in float64; the "
+                        "default with inductor) or sdpa (RoPE in float32; the default, and the "
+                        "only choice, with tensorrt)")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present): "
                                                    "build on the kind of machine that will run it")
     b.add_argument("--no-autotune", dest="autotune", action="store_false",
@@ -196,9 +202,10 @@ def cmd_build(args) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
+    kernels = args.kernels or ("sdpa" if args.backend == "tensorrt" else "reference")
     req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
-                       args.backend, args.kernels, args.device, args.autotune, args.opt_batch,
-                       preset=args.preset)
+                       args.backend, kernels, args.device, args.autotune, args.opt_batch,
+                       preset=args.preset, fp8_weights=args.fp8_weights)
     t0 = time.perf_counter()
     manifest = build(req, args.out, log=lambda m: print(f"build: {m}", file=sys.stderr))
     size = sum(a["bytes"] for a in manifest["artifacts"].values())

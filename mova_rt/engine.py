@@ -19,13 +19,19 @@ Backends:
   package with the compiled kernels (on CUDA: Inductor's Triton kernels, already autotuned, and
   cuBLAS/cuBLASLt calls), loaded with `aoti_load_package`: no tracing, no compilation, no
   autotuning at start. The GEMM choices autotuning made are written to the manifest.
-- tensorrt: each unit exported to ONNX (`torch.onnx.export(dynamo=True)`, weights as inputs) and,
-  where the `tensorrt` package is installed, built into a serialized TensorRT engine (.plan) with
-  an optimization profile over the batch; `TrtUnit` runs it on the current CUDA stream.
+- tensorrt: each unit exported to ONNX (`torch.onnx.export(dynamo=True)`, weights as inputs,
+  RoPE tables in float32: TensorRT has no float64) and, where the `tensorrt` package is
+  installed, built into a serialized TensorRT engine (.plan) with an optimization profile over
+  the batch; `TrtUnit` runs it on the current CUDA stream. fp8: the fp8 Linear layers export as
+  QuantizeLinear/DequantizeLinear (Fp8Linear.onnx_qdq), whose scales TensorRT takes only as
+  build-time constants: so the activation scales must be calibrated (static), and each layer
+  gets its own plan, built from the unit's graph with that layer's weights bound as constants
+  (bind_weights); the plans hold the weights and share one activation buffer.
 
 Precision: bf16, or fp8 (mova_rt/quantize.py: e4m3 weights with per-channel scales, activations per
-token, torch._scaled_mm GEMMs, whose quantization Inductor fuses into the producing kernels); the
-fp8 weights are quantized once at build time and stored in the engine (`weights/`).
+token or with calibrated static scales, torch._scaled_mm GEMMs, whose quantization Inductor fuses
+into the producing kernels); the fp8 weights are quantized once at build time (or taken from
+`mova-rt quantize`, --fp8_weights) and stored in the engine (`weights/`).
 
 The manifest (manifest.json) names everything an engine depends on: the checkpoint (digest), the
 model config, the request (shapes and token counts, precision, kernels, backend), the machine (GPU
@@ -128,8 +134,10 @@ class UnitSpec:
     inputs: dict              # activation name -> (shape with "B" for the batch, dtype)
 
 
-def unit_specs(pipe, shapes) -> list:
-    """The units of a pipeline for a clip (benchmarks.flops.Shapes)."""
+def unit_specs(pipe, shapes, rope_dtype: torch.dtype = torch.float64) -> list:
+    """The units of a pipeline for a clip (benchmarks.flops.Shapes). rope_dtype: the type of the
+    video/audio blocks' RoPE tables (float64 as computed; float32 for TensorRT, which has no
+    float64, with a kernel set that rotates in float32 anyway)."""
     video_2 = pipe.video_dit_2
     same = (pipe.cfg.video_dit == pipe.cfg.video_dit_2 and video_2 is not None and
             weight_signature(video_2.blocks[0]) == weight_signature(pipe.video_dit.blocks[0]))
@@ -147,8 +155,8 @@ def unit_specs(pipe, shapes) -> list:
         specs.append(UnitSpec(name, "block", dit.blocks[0], towers, {
             "x": (["B", tokens, d], dtype), "text_k": (["B", shapes.L_t, heads, hd], dtype),
             "text_v": (["B", shapes.L_t, heads, hd], dtype), "t_mod": (["B", 6, d], dtype),
-            "rope_cos": ([tokens, hd // 2], torch.float64),
-            "rope_sin": ([tokens, hd // 2], torch.float64)}))
+            "rope_cos": ([tokens, hd // 2], rope_dtype),
+            "rope_sin": ([tokens, hd // 2], rope_dtype)}))
     bridge = pipe.bridge
     if bridge.layers:
         first = str(bridge.layers[0])
@@ -289,7 +297,7 @@ def tensorrt_module():
     return tensorrt
 
 
-def build_tensorrt_plan(onnx_path: str, plan_path: str, spec: UnitSpec, precision: str,
+def build_tensorrt_plan(onnx_path: str, plan_path: str, spec: UnitSpec,
                         opt_batch: int) -> dict:
     """A serialized TensorRT engine of an exported unit, strongly typed (the ONNX graph's bf16 /
     fp8 types are kept), with one optimization profile: batch 1..MAX_BATCH, best at opt_batch."""
@@ -319,11 +327,83 @@ def build_tensorrt_plan(onnx_path: str, plan_path: str, spec: UnitSpec, precisio
     return {"tensorrt": trt.__version__, "opt_batch": opt_batch}
 
 
+def unit_layers(pipe, towers: list, kind: str):
+    """(key, module) of every layer that runs a unit: "<tower>.<i>" with the block, or
+    "dual_tower_bridge.<i>" with the interaction layer (BridgeLayer) of bridge layer i."""
+    if kind == "block":
+        for tower in towers:
+            for i, block in enumerate(getattr(pipe, tower).blocks):
+                yield f"{tower}.{i}", block
+        return
+    bridge = pipe.bridge
+    for i in bridge.layers:
+        yield f"dual_tower_bridge.{i}", BridgeLayer(bridge.audio_to_video_conditioners[str(i)],
+                                                    bridge.video_to_audio_conditioners[str(i)])
+
+
+_ONNX_TYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16",
+               torch.float64: "DOUBLE", torch.float8_e4m3fn: "FLOAT8E4M3FN"}
+
+
+def bind_weights(onnx_path: str, module: nn.Module, out_path: str) -> list:
+    """A copy of a unit's ONNX graph whose weight inputs w0..wN are `module`'s tensors, as
+    initializers (constants): what TensorRT needs where a weight's scale must be known at build
+    time (fp8 Q/DQ). Large graphs keep their weights in a side file (protobuf's 2 GB limit).
+    Returns the indices of the weights bound (those the graph reads)."""
+    import onnx
+    model = onnx.load(onnx_path)
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    weights = {f"w{i}": p.detach() for i, (_, p) in enumerate(module.named_parameters())}
+    # a weight the graph never reads (the text K/V projections: their output is an input) goes
+    kept = [i for i in graph.input if i.name not in weights]
+    weights = {name: t for name, t in weights.items() if name in read}
+    for name, t in weights.items():
+        proto = onnx.TensorProto()
+        proto.name = name
+        proto.data_type = getattr(onnx.TensorProto, _ONNX_TYPES[t.dtype])
+        proto.dims.extend(t.shape)
+        proto.raw_data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        graph.initializer.append(proto)
+    del graph.input[:]
+    graph.input.extend(kept)
+    big = sum(t.numel() * t.element_size() for t in weights.values()) > 2 ** 30
+    onnx.save_model(model, out_path, save_as_external_data=big,
+                    location=os.path.basename(out_path) + ".data" if big else None)
+    return sorted(int(name[1:]) for name in weights)
+
+
+def build_tensorrt_layers(pipe, spec: UnitSpec, tmp: str, onnx_rel: str, opt_batch: int,
+                          log=print) -> dict:
+    """fp8 TensorRT: one plan per layer of the unit, its weights and scales bound as constants
+    (TensorRT's Q/DQ scales must be build-time constants, so one graph cannot serve layers with
+    other scales). The per-layer ONNX copies are scratch, removed once their plan is built."""
+    scratch = os.path.join(tmp, "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    layers, files, info = {}, [], {}
+    for key, layer in unit_layers(pipe, spec.towers, spec.kind):
+        log(f"building the TensorRT engine of {key} ({spec.name}, weights bound)")
+        bound = os.path.join(scratch, f"{key}.onnx")
+        read = bind_weights(os.path.join(tmp, onnx_rel), layer, bound)
+        plan_rel = f"units/{spec.name}/{key}.plan"
+        os.makedirs(os.path.dirname(os.path.join(tmp, plan_rel)), exist_ok=True)
+        info = build_tensorrt_plan(bound, os.path.join(tmp, plan_rel), spec, opt_batch)
+        for f in os.listdir(scratch):
+            os.remove(os.path.join(scratch, f))
+        layers[key] = plan_rel
+        files.append(plan_rel)
+    os.rmdir(scratch)
+    return dict(info, layers=layers, bound_weights=read, files=[onnx_rel] + files)
+
+
 class TrtUnit:
     """Runs a .plan on the current CUDA stream with torch tensors: inputs bound by address, the
-    outputs allocated per call at the shapes the engine reports for this batch."""
+    outputs allocated per call at the shapes the engine reports for this batch. shared: the
+    per-layer plans of one engine run one at a time on one stream, so their contexts share one
+    activation buffer (TrtUnit.share) instead of holding one each."""
 
-    def __init__(self, plan_path: str, input_names: list, output_names: list):
+    def __init__(self, plan_path: str, input_names: list, output_names: list,
+                 shared: bool = False):
         trt = tensorrt_module()
         self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -331,8 +411,27 @@ class TrtUnit:
             self.engine = self.runtime.deserialize_cuda_engine(fh.read())
         if self.engine is None:
             raise MovaInputError(f"TensorRT could not load {plan_path}: rebuild the engine")
-        self.context = self.engine.create_execution_context()
+        self.context = (self.engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED) if shared
+            else self.engine.create_execution_context())
         self.input_names, self.output_names = input_names, output_names
+
+    def memory_size(self) -> int:
+        return int(getattr(self.engine, "device_memory_size_v2", None)
+                   or self.engine.device_memory_size)
+
+    @staticmethod
+    def share(units: list, device) -> torch.Tensor:
+        """One activation buffer, the largest any of `units` needs, given to all their
+        contexts. Returns it (the caller keeps it alive)."""
+        size = max(u.memory_size() for u in units)
+        buf = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+        for u in units:
+            if hasattr(u.context, "set_device_memory"):
+                u.context.set_device_memory(buf.data_ptr(), size)
+            else:
+                u.context.device_memory = buf.data_ptr()
+        return buf
 
     def __call__(self, weights: list, acts: list):
         ctx = self.context
@@ -409,9 +508,14 @@ def _sha256(path: str) -> str:
 def build_command(ckpt: str | None, request: dict, out: str = "build/engines/NAME",
                   preset: str | None = None) -> str:
     source = f"--ckpt_path {ckpt}" if ckpt else f"--preset {preset}"
+    weights = f" --fp8_weights {request['fp8_weights']}" if request.get("fp8_weights") else ""
+    default = "sdpa" if request["backend"] == "tensorrt" else "reference"
+    kernels = request.get("kernels") or default
+    kernels = f" --kernels {kernels}" if kernels != default else ""
     return (f"mova-rt build {source} --height {request['height']} --width "
             f"{request['width']} --num_frames {request['num_frames']} --fps {request['fps']:g} "
-            f"--precision {request['precision']} --backend {request['backend']} --out {out}")
+            f"--precision {request['precision']}{weights} --backend {request['backend']}"
+            f"{kernels} --out {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,11 +535,13 @@ class BuildRequest:
     autotune: bool = True
     opt_batch: int = 2        # TensorRT's profile optimum: CFG's two passes batched
     preset: str | None = None
+    fp8_weights: str | None = None   # a `mova-rt quantize` folder (else quantized at build)
 
     def as_dict(self) -> dict:
         return {"height": self.height, "width": self.width, "num_frames": self.num_frames,
                 "fps": float(self.fps), "precision": self.precision, "backend": self.backend,
-                "kernels": self.kernels}
+                "kernels": self.kernels, "fp8_weights": self.fp8_weights and
+                os.path.abspath(self.fp8_weights)}
 
 
 def check_build_request(req: BuildRequest) -> torch.device:
@@ -464,6 +570,17 @@ def check_build_request(req: BuildRequest) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MovaInputError(f"--device {name} requested but CUDA is not available: engines are "
                              "built on the kind of machine that runs them")
+    if req.fp8_weights is not None and req.precision != "fp8":
+        raise MovaInputError("--fp8_weights holds fp8 weights: pass --precision fp8 with it")
+    if req.fp8_weights is not None and req.ckpt is None:
+        raise MovaInputError("--fp8_weights belong to a checkpoint, --preset builds from random "
+                             "weights: drop one of the two")
+    if req.backend == "tensorrt" and req.kernels == "reference":
+        raise MovaInputError("--backend tensorrt --kernels reference: the reference rotates RoPE "
+                             "in float64, which TensorRT does not have: use --kernels sdpa "
+                             "(RoPE in float32; the default with --backend tensorrt)")
+    if req.backend == "tensorrt" and req.precision == "fp8":
+        _check_static_scales(req)
     if req.backend == "tensorrt":
         if tensorrt_module() is None:
             raise MovaInputError("--backend tensorrt needs the tensorrt package (not installed "
@@ -472,17 +589,32 @@ def check_build_request(req: BuildRequest) -> torch.device:
         if device.type != "cuda":
             raise MovaInputError("--backend tensorrt builds CUDA engines: run it on the GPU "
                                  "machine (--device cuda), or use --backend inductor")
-        if req.precision == "fp8":
-            raise MovaInputError("--backend tensorrt --precision fp8 is not built yet (TensorRT "
-                                 "needs static activation scales in Q/DQ form): use --backend "
-                                 "inductor --precision fp8, or --backend tensorrt --precision "
-                                 "bf16")
     if req.precision == "fp8" and device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
         if cc < (8, 9):
             raise MovaInputError(f"--precision fp8 needs fp8 tensor cores (compute capability "
                                  f"8.9+, Ada/Hopper); this GPU is {cc[0]}.{cc[1]}: use bf16")
     return device
+
+
+def _check_static_scales(req: BuildRequest) -> None:
+    """TensorRT's fp8 is Q/DQ with build-time constant scales: the activations' scales must be
+    calibrated (static, per tensor), which per-token quantization is not."""
+    from . import quantize
+    calibrate = ("mova-rt quantize --calibrate --ckpt_path CKPT --prompt \"...\" --height H "
+                 "--width W --num_frames F --out FP8_DIR")
+    if req.ckpt is None:
+        raise MovaInputError("--backend tensorrt --precision fp8 needs calibrated activation "
+                             "scales, which random --preset weights do not have: build it "
+                             f"from a checkpoint with --fp8_weights written by `{calibrate}`")
+    if req.fp8_weights is None:
+        raise MovaInputError("--backend tensorrt --precision fp8 needs static (calibrated) "
+                             "activation scales, TensorRT's fp8 takes no per-token scales: "
+                             f"write them with `{calibrate}` and pass --fp8_weights FP8_DIR")
+    if quantize.activations_of(req.fp8_weights) - {"static-tensor"}:
+        raise MovaInputError(f"--fp8_weights {req.fp8_weights} quantizes activations per token "
+                             "(no calibrated scales), TensorRT's fp8 needs static ones: write "
+                             f"them with `{calibrate}`")
 
 
 def build(req: BuildRequest, out: str, log=print) -> dict:
@@ -512,7 +644,7 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
             log(f"loading {req.ckpt} ({req.precision})")
             pipe = MovaPipeline.from_pretrained(req.ckpt, device=device, dtype="bf16",
                                                 kernels=req.kernels, precision=req.precision,
-                                                towers_only=True)
+                                                fp8_weights=req.fp8_weights, towers_only=True)
         weights = None
         if req.precision == "fp8" and req.ckpt is not None:
             log("writing the fp8 weights")
@@ -520,7 +652,8 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
             weights = {"dir": "weights", "format": quantize.FORMAT, "scheme": quantize.SCHEME}
         os.makedirs(os.path.join(tmp, "units"))
         units = {}
-        for spec in unit_specs(pipe, shapes):
+        rope_dtype = torch.float32 if req.backend == "tensorrt" else torch.float64
+        for spec in unit_specs(pipe, shapes, rope_dtype):
             t0 = time.perf_counter()
             entry = {"towers": spec.towers, "kind": spec.kind,
                      "weights": weight_signature(spec.template),
@@ -532,14 +665,20 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
                 entry.update(build_inductor(spec, os.path.join(tmp, rel), device, req.autotune))
                 entry["files"] = [rel]
             else:
-                onnx_rel, plan_rel = f"units/{spec.name}.onnx", f"units/{spec.name}.plan"
+                onnx_rel = f"units/{spec.name}.onnx"
                 log(f"exporting {spec.name} to ONNX")
                 entry.update(export_onnx(spec, os.path.join(tmp, onnx_rel), device))
-                log(f"building the TensorRT engine of {spec.name}")
-                entry.update(build_tensorrt_plan(os.path.join(tmp, onnx_rel),
-                                                 os.path.join(tmp, plan_rel), spec,
-                                                 req.precision, req.opt_batch))
-                entry["files"] = [onnx_rel, plan_rel]
+                entry["files"] = [onnx_rel]
+                if req.precision == "bf16":
+                    plan_rel = f"units/{spec.name}.plan"
+                    log(f"building the TensorRT engine of {spec.name}")
+                    entry.update(build_tensorrt_plan(os.path.join(tmp, onnx_rel),
+                                                     os.path.join(tmp, plan_rel), spec,
+                                                     req.opt_batch))
+                    entry["files"].append(plan_rel)
+                else:
+                    entry.update(build_tensorrt_layers(pipe, spec, tmp, onnx_rel, req.opt_batch,
+                                                       log))
             entry["build_s"] = time.perf_counter() - t0
             units[spec.name] = entry
         artifacts = {}
@@ -603,6 +742,7 @@ class Engine:
         self.kernels = self.request["kernels"]
         self._passed: set = set()     # checks already passed (the CLI checks before loading,
                                       # from_pretrained again: the digest is read once)
+        self._buffers: list = []      # TensorRT activation memory shared by per-layer plans
 
     def fix(self, ckpt: str | None = None, **changes) -> str:
         req = dict(self.request, **changes)
@@ -710,8 +850,19 @@ class Engine:
             raise MovaInputError(f"engine {self.path} is a TensorRT engine and the tensorrt "
                                  f"package is not installed: install it, or build an inductor "
                                  f"engine with `{self.fix(backend='inductor')}`")
-        return TrtUnit(os.path.join(self.path, entry["files"][1]), entry["input_names"],
-                       entry["output_names"])
+        if "layers" not in entry:
+            return TrtUnit(os.path.join(self.path, entry["files"][1]), entry["input_names"],
+                           entry["output_names"])
+        acts = entry["input_names"][len(entry["weights"]):]       # the weights are bound
+        units = {key: TrtUnit(os.path.join(self.path, rel), acts, entry["output_names"],
+                              shared=True) for key, rel in entry["layers"].items()}
+        self._buffers.append(TrtUnit.share(list(units.values()), device))
+        return units
+
+    @property
+    def bound(self) -> bool:
+        """Whether the units hold their layers' weights (TensorRT fp8: one plan per layer)."""
+        return any("layers" in e for e in self.manifest["units"].values())
 
     def install(self, pipe) -> None:
         """Every block of the towers and every interaction layer of the bridge runs its unit
@@ -722,6 +873,23 @@ class Engine:
                 by_tower[tower] = name
             runners[name] = self.load_unit(name, pipe.device)
         units = self.manifest["units"]
+
+        def bind(name: str, key: str, layer: nn.Module) -> tuple:
+            """(the layer's runner, the weights it is called with)."""
+            self._check_weights(name, units[name], weight_signature(layer))
+            runner = runners[name]
+            if not isinstance(runner, dict):
+                # the Parameter objects (offload rebinds their .data, never replaces them)
+                return runner, [p for _, p in layer.named_parameters()]
+            if key not in runner:
+                raise self._damaged(f"unit {name} has no plan for layer {key}")
+            # the plan holds the weights it reads: free the module's copy (not the others: the
+            # text K/V projections run outside the unit, once per request)
+            params = [p for _, p in layer.named_parameters()]
+            for i in units[name]["bound_weights"]:
+                params[i].data = torch.empty(0, dtype=params[i].dtype, device=params[i].device)
+            return runner[key], []
+
         for tower in ("video_dit", "video_dit_2", "audio_dit"):
             dit = getattr(pipe, tower)
             if dit is None:
@@ -729,27 +897,20 @@ class Engine:
             if tower not in by_tower:
                 raise self._damaged(f"it has no unit for {tower}")
             name = by_tower[tower]
-            for block in dit.blocks:
-                self._check_weights(name, units[name], weight_signature(block))
+            for key, block in unit_layers(pipe, [tower], "block"):
+                block._engine_unit, block._engine_params = bind(name, key, block)
                 block.__class__ = _engine_class(type(block), EngineBlock)
-                block._engine_unit = runners[name]
                 block._engine_tokens = units[name]["inputs"]["x"][0][1]
-                # the Parameter objects (offload rebinds their .data, never replaces them)
-                block._engine_params = [p for _, p in block.named_parameters()]
+                block._engine_rope_dtype = getattr(torch, units[name]["inputs"]["rope_cos"][1])
         bridge = pipe.bridge
         if bridge.layers:
             if "dual_tower_bridge" not in by_tower:
                 raise self._damaged("it has no unit for the bridge")
             name = by_tower["dual_tower_bridge"]
-            params = {}
-            for i in bridge.layers:
-                layer = BridgeLayer(bridge.audio_to_video_conditioners[str(i)],
-                                    bridge.video_to_audio_conditioners[str(i)])
-                self._check_weights(name, units[name], weight_signature(layer))
-                params[i] = [p for _, p in layer.named_parameters()]
+            calls = {int(key.rpartition(".")[2]): bind(name, key, layer)
+                     for key, layer in unit_layers(pipe, None, "bridge")}
             bridge.__class__ = _engine_class(type(bridge), EngineBridge)
-            bridge._engine_unit = runners[name]
-            bridge._engine_params = params
+            bridge._engine_calls = calls
             bridge._engine_tokens = (units[name]["inputs"]["video"][0][1],
                                      units[name]["inputs"]["audio"][0][1])
 
@@ -851,7 +1012,7 @@ class EngineBlock(nn.Module):
         if t_mod.shape[0] != b:         # one timestep for the whole batch: the unit takes B rows
             t_mod = t_mod.expand(b, -1, -1)
         k, v = text_kv
-        cos, sin = rope.tables()
+        cos, sin = (t.to(self._engine_rope_dtype) for t in rope.tables())   # no-op: same dtype
         acts = [a.contiguous() for a in (x, k, v, t_mod, cos, sin)]   # no-ops when they are
         return self._engine_unit(self._engine_params, acts)
 
@@ -870,5 +1031,6 @@ class EngineBridge(nn.Module):
             if video_rope is not None:
                 acts += [*video_rope.tables(), *audio_rope.tables()]
             acts = [a.contiguous() for a in acts]
-            out = self._engine_unit(self._engine_params[i], acts)
+            unit, weights = self._engine_calls[i]
+            out = unit(weights, acts)
         return tuple(out)

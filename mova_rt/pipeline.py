@@ -115,6 +115,9 @@ class MovaPipeline:
                                      "on one GPU")
             if fp8_weights:
                 raise MovaInputError("--engine brings its own fp8 weights: drop --fp8_weights")
+            if engine.bound and offload != "none":
+                raise MovaInputError(f"engine {engine.path} holds its layers' weights in its "
+                                     "TensorRT plans, which stay on the GPU: drop --offload")
             engine.check_machine(device)
             engine.check_model(path, precision, kernels, lora=bool(lora_path))
             precision, kernels = engine.precision, engine.kernels

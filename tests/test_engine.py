@@ -60,7 +60,8 @@ def test_manifest_names_everything_the_engine_depends_on(engines, tiny_ckpt):
     assert m["checkpoint"]["digest"] == quantize.source_digest(tiny_ckpt)
     assert m["config"]["model"]["video_dit"]["dim"] > 0 and len(m["config"]["digest"]) == 64
     assert m["request"] == {"height": 64, "width": 96, "num_frames": 17, "fps": 24.0,
-                            "precision": "fp8", "backend": "inductor", "kernels": "reference"}
+                            "precision": "fp8", "backend": "inductor", "kernels": "reference",
+                            "fp8_weights": None}
     # 17 frames -> 5 latent frames, 8x12 latents, 2x2 patches: 5*4*6 video tokens
     assert m["shapes"]["video_tokens"] == 120 and m["shapes"]["audio_tokens"] > 0
     assert m["shapes"]["max_batch"] == E.MAX_BATCH
@@ -105,11 +106,16 @@ def test_build_failure_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     (dict(height=65), "multiples of 16"),
     (dict(fps=0.0), "must be positive"),
     (dict(device="cuda"), "CUDA is not available"),
+    (dict(backend="tensorrt"), "float64, which TensorRT does not have"),
+    (dict(backend="tensorrt", kernels="sdpa", precision="fp8"), "static \\(calibrated\\)"),
+    (dict(fp8_weights="somewhere"), "pass --precision fp8"),
+    (dict(ckpt=None, preset="mova-360p", backend="tensorrt", kernels="sdpa", precision="fp8"),
+     "random --preset weights do not have"),
 ])
 def test_build_refuses_bad_requests(tiny_ckpt, tmp_path, change, match):
     if change.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    req = E.BuildRequest(tiny_ckpt, **dict(SIZE, **change))
+    req = E.BuildRequest(**{"ckpt": tiny_ckpt, **SIZE, **change})
     with pytest.raises(MovaInputError, match=match):
         E.build(req, str(tmp_path / "e"), log=lambda m: None)
     assert not (tmp_path / "e").exists()
@@ -119,7 +125,29 @@ def test_build_tensorrt_without_tensorrt_is_refused(tiny_ckpt, tmp_path):
     if E.tensorrt_module() is not None:
         pytest.skip("tensorrt is installed")
     with pytest.raises(MovaInputError, match="needs the tensorrt package"):
-        E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", **SIZE), str(tmp_path / "e"))
+        E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", kernels="sdpa", **SIZE),
+                str(tmp_path / "e"))
+
+
+def test_build_cli_tensorrt_fp8_names_the_calibration_command(tmp_path, capsys):
+    """--backend tensorrt defaults to --kernels sdpa (not the float64 reference), and fp8
+    without calibrated weights is refused with the command that writes them."""
+    assert main(["build", "--backend", "tensorrt", "--precision", "fp8",
+                 "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "mova-rt quantize --calibrate" in err and "float64" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
+def test_build_tensorrt_fp8_needs_calibrated_weights(engines, tiny_ckpt, tmp_path):
+    """fp8 weights that quantize activations per token (the engine's own, written at build) are
+    refused for TensorRT before anything is loaded; calibrated ones pass that check."""
+    per_token = os.path.join(engines["fp8"], "weights")
+    req = E.BuildRequest(tiny_ckpt, backend="tensorrt", kernels="sdpa", precision="fp8",
+                         fp8_weights=per_token, **SIZE)
+    with pytest.raises(MovaInputError, match="quantizes activations per token"):
+        E.build(req, str(tmp_path / "e"), log=lambda m: None)
+    assert not (tmp_path / "e").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,13 +165,16 @@ def _forward(pipe, seed=0):
 
 def _count_unit_calls(pipe) -> list:
     calls = []
-    for module in [*pipe.video_dit.blocks, pipe.bridge]:
-        unit = module._engine_unit
 
-        def counted(w, a, unit=unit):
+    def counted(unit):
+        def call(w, a):
             calls.append(1)
             return unit(w, a)
-        module._engine_unit = counted
+        return call
+    for block in pipe.video_dit.blocks:
+        block._engine_unit = counted(block._engine_unit)
+    bridge = pipe.bridge
+    bridge._engine_calls = {i: (counted(u), w) for i, (u, w) in bridge._engine_calls.items()}
     return calls
 
 
@@ -393,18 +424,178 @@ def test_onnx_export_of_every_unit_matches_pytorch(tiny_ckpt, tmp_path):
                 assert err < 1e-5, (spec.name, batch, err)
 
 
+@pytest.fixture(scope="module")
+def calibrated(tiny_ckpt, tmp_path_factory):
+    """fp8 weights with static activation scales, written by `mova-rt quantize --calibrate`."""
+    pytest.importorskip("modelopt.torch.quantization")
+    out = str(tmp_path_factory.mktemp("calibrated") / "fp8")
+    size = [str(v) for kv in SIZE.items() for v in (f"--{kv[0]}", kv[1])]
+    assert main(["quantize", "--ckpt_path", tiny_ckpt, "--out", out, "--calibrate",
+                 "--prompt", "a dog barks", "--prompt", "rain on a tin roof", "--calib_steps",
+                 "4", "--device", "cpu", *size]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert {c["activations"] for c in manifest["components"].values()} == {"static-tensor"}
+    return out
+
+
+def _onnx_types(path: str) -> set:
+    """The element types of every tensor of an ONNX graph (inputs, outputs, intermediates,
+    initializers, constants), by name."""
+    import onnx
+    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
+    types = {v.type.tensor_type.elem_type for v in [*graph.input, *graph.output,
+                                                    *graph.value_info]}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {a.t.data_type for n in graph.node for a in n.attribute
+              if a.type == onnx.AttributeProto.TENSOR}
+    return {onnx.TensorProto.DataType.Name(t) for t in types}
+
+
+def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ckpt, tmp_path):
+    """The fp8 TensorRT path up to the plans, on the CPU: a pipeline on calibrated weights with
+    the build's settings (kernels sdpa, RoPE tables in float32: TensorRT has no float64); each
+    unit exported with its fp8 Linear layers as QuantizeLinear / DequantizeLinear (e4m3fn, the
+    static scales); then every layer's graph with that layer's weights bound as constants (what
+    its plan is built from), run by onnxruntime at batch 1 and 3 against the layer in PyTorch.
+    Activations in fp32 (onnxruntime's CPU kernels lack bf16), so the comparison is the
+    export's: the same formula gives 1e-7 (the median must stay under 1e-6); where the two
+    runtimes' fp32 rounding puts an activation on the other side of an e4m3 rounding boundary
+    one code flips, by 1/16 of its value, and the output moves by up to ~1e-4 (measured max
+    2.2e-4 over 24 comparisons; bound 1e-3, 35x below fp8's own 3.5% error against bf16)."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from mova_rt import quantize
+    from mova_rt.benchmarks.flops import clip_shapes
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", kernels="sdpa", precision="fp8",
+                                        fp8_weights=calibrated, towers_only=True)
+    towers = [pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge]
+    for tower in towers:
+        for p in tower.parameters():
+            if p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+    specs = E.unit_specs(pipe, clip_shapes(pipe.cfg, **SIZE), torch.float32)
+    tensorrt_types = {"FLOAT", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "INT32", "INT64", "BOOL",
+                      "UNDEFINED"}
+    layers, errs = 0, []
+    for spec in specs:
+        spec.inputs = {k: (shape, torch.float32 if d == torch.bfloat16 else d)
+                       for k, (shape, d) in spec.inputs.items()}
+        path = str(tmp_path / f"{spec.name}.onnx")
+        E.export_onnx(spec, path, torch.device("cpu"))
+        ops = [n.op_type for n in onnx.load(path).graph.node]
+        n_fp8 = sum(isinstance(m, quantize.Fp8Linear) for m in spec.template.modules())
+        assert n_fp8 == 8 and ops.count("QuantizeLinear") == n_fp8, spec.name
+        assert ops.count("DequantizeLinear") == 2 * n_fp8           # activations and weights
+        assert _onnx_types(path) <= tensorrt_types, _onnx_types(path) - tensorrt_types
+        for key, layer in E.unit_layers(pipe, spec.towers, spec.kind):
+            bound = str(tmp_path / f"{key}.onnx")
+            read = E.bind_weights(path, layer, bound)
+            names = [n for n, _ in layer.named_parameters()]
+            unread = {n for i, n in enumerate(names) if i not in read}   # stay in the module
+            assert all(n.startswith(("cross_attn.k.", "cross_attn.v.")) for n in unread), unread
+            session = ort.InferenceSession(bound, providers=["CPUExecutionProvider"])
+            assert [i.name for i in session.get_inputs()] == list(spec.inputs)   # no weights
+            fn = E.Functional(layer, spec.kind)
+            for batch in (1, 3):
+                _, acts = E.example_inputs(spec, "cpu", batch=batch, seed=batch)
+                got = session.run(None, dict(zip(spec.inputs, [a.numpy() for a in acts])))
+                want = fn([p.detach() for _, p in layer.named_parameters()], acts)
+                want = [want] if spec.kind == "block" else list(want)
+                for g, w in zip(got, want):
+                    err = float(torch.tensor(g).sub(w).norm() / w.norm())
+                    errs.append(err)
+            layers += 1
+    assert layers == sum(len(t.blocks) for t in towers[:3]) + len(pipe.bridge.layers)
+    errs.sort()
+    assert errs[len(errs) // 2] < 1e-6 and errs[-1] < 1e-3, errs
+
+
+def test_per_layer_units_run_each_layer_with_its_own_weights(engines, tiny_ckpt, monkeypatch):
+    """How a TensorRT fp8 engine runs (one plan per layer holding its weights, the module's
+    copy freed), with PyTorch stand-ins for the plans since TensorRT is not installed here:
+    every block and bridge layer calls its own plan, with no weights passed, once per forward,
+    and the result is the eager path's bit for bit. Such an engine refuses --offload."""
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
+    engine = E.open_engine(engines["bf16"])
+    called = []
+
+    def stand_in(key, kind):
+        module = dict(E.unit_layers(eager, [key.rpartition(".")[0]], kind))[key]
+        fn = E.Functional(module, kind)
+
+        def plan(weights, acts):
+            assert weights == []
+            called.append(key)
+            return fn([p for _, p in module.named_parameters()], acts)
+        return plan
+    for entry in engine.manifest["units"].values():
+        entry["layers"] = {k: f"units/{k}.plan" for k, _ in
+                           E.unit_layers(eager, entry["towers"], entry["kind"])}
+        # what the export reads: all but the text K/V projections (run once per request)
+        entry["bound_weights"] = [i for i, (n, *_) in enumerate(entry["weights"])
+                                  if not n.startswith(("cross_attn.k.", "cross_attn.v."))]
+    monkeypatch.setattr(E.Engine, "load_unit", lambda self, name, device: {
+        k: stand_in(k, self.manifest["units"][name]["kind"])
+        for k in self.manifest["units"][name]["layers"]})
+    assert engine.bound
+    with pytest.raises(MovaInputError, match="drop --offload"):
+        MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engine, offload="group")
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engine)
+    freed = {n for n, p in pipe.video_dit.blocks[0].named_parameters() if p.numel() == 0}
+    assert freed and not any(n.startswith("cross_attn.k.") for n in freed)
+    (ev, ea), (gv, ga) = _forward(eager), _forward(pipe)
+    assert torch.equal(ev, gv) and torch.equal(ea, ga)
+    want = [f"video_dit.{i}" for i in range(len(pipe.video_dit.blocks))] + \
+        [f"dual_tower_bridge.{i}" for i in pipe.bridge.layers] + \
+        [f"audio_dit.{i}" for i in range(len(pipe.audio_dit.blocks))]
+    assert sorted(called) == sorted(want)
+
+
 @pytest.mark.skipif(E.tensorrt_module() is None or not torch.cuda.is_available(),
                     reason="TensorRT and a GPU are needed (neither can be installed here)")
 def test_tensorrt_engine_matches_eager(tiny_ckpt, tmp_path):
     path = str(tmp_path / "trt")
-    E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", device="cuda", **SIZE), path)
-    eager = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16")
+    E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", kernels="sdpa", device="cuda", **SIZE),
+            path)
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16", kernels="sdpa")
     pipe = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16", engine=path)
     a, b = eager(**RUN), pipe(**RUN)
     fp32 = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="fp32")(**RUN)
     for name in ("video_latents", "audio_latents"):
         assert rel(getattr(a, name), getattr(b, name)) <= 1.5 * max(
             rel(getattr(a, name), getattr(fp32, name)), 1e-3)
+
+
+def test_inductor_engine_on_calibrated_weights(calibrated, tiny_ckpt, tmp_path):
+    """build --fp8_weights: the engine stores the calibrated weights (static scales) and runs
+    them: one forward within 1% of the eager path on the same weights (as for per-token)."""
+    path = str(tmp_path / "static")
+    m = E.build(E.BuildRequest(tiny_ckpt, precision="fp8", fp8_weights=calibrated, **SIZE), path,
+                log=lambda msg: None)
+    assert m["request"]["fp8_weights"] == os.path.abspath(calibrated)
+    assert "--fp8_weights" in E.open_engine(path).fix()
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
+                                         fp8_weights=calibrated)
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=path)
+    assert pipe.video_dit.blocks[0].self_attn.q.input_scale is not None
+    (ev, ea), (gv, ga) = _forward(eager), _forward(pipe)
+    assert rel(ev, gv) < 1e-2 and rel(ea, ga) < 1e-2, (rel(ev, gv), rel(ea, ga))
+
+
+@pytest.mark.skipif(E.tensorrt_module() is None or not torch.cuda.is_available(),
+                    reason="TensorRT and a GPU are needed (neither can be installed here)")
+def test_tensorrt_fp8_engine_matches_eager(calibrated, tiny_ckpt, tmp_path):
+    path = str(tmp_path / "trt-fp8")
+    E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", kernels="sdpa", precision="fp8",
+                           fp8_weights=calibrated, device="cuda", **SIZE), path)
+    kw = dict(device="cuda", dtype="bf16", kernels="sdpa")
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, precision="fp8", fp8_weights=calibrated, **kw)
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16", engine=path)
+    a, b = eager(**RUN), pipe(**RUN)
+    bf16 = MovaPipeline.from_pretrained(tiny_ckpt, **kw)(**RUN)
+    for name in ("video_latents", "audio_latents"):
+        assert rel(getattr(a, name), getattr(b, name)) <= 1.5 * max(
+            rel(getattr(a, name), getattr(bf16, name)), 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
