@@ -961,6 +961,10 @@ def open_engine(path: str, verify: bool = True) -> Engine:
             engine.request[k]
         for entry in manifest["units"].values():
             entry["files"], entry["towers"], entry["weights"], entry["inputs"]
+            if engine.backend == "tensorrt":
+                entry["input_names"], entry["output_names"]
+            if "layers" in entry:
+                entry["bound_weights"]
     except (KeyError, TypeError) as e:
         raise MovaInputError(f"--engine {path}: {MANIFEST} lacks {e}: build the engine again "
                              "with `mova-rt build`") from None

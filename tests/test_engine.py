@@ -284,6 +284,8 @@ REFUSED = {
     "manifest_field": ([], lambda m: m.pop("units"), "lacks 'units'", "build the engine again"),
     "weights": ([], _set(("units", "video_block", "weights", 0, 1), [1, 6, 7]),
                 "unit video_block was built for other weights", "rebuild"),
+    "plans_field": ([], _set(("units", "video_block", "layers"), {}), "lacks 'bound_weights'",
+                    "build the engine again"),
 }
 
 
