@@ -398,19 +398,38 @@ def test_build_and_generate_from_the_command_line(tmp_path, tiny_ckpt):
 # ---------------------------------------------------------------------------------------------
 # TensorRT backend: the ONNX export (here), the engines (where TensorRT is installed)
 # ---------------------------------------------------------------------------------------------
+# the element types TensorRT has (UNDEFINED: a value whose type inference left open)
+TENSORRT_TYPES = {"FLOAT", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "INT32", "INT64", "BOOL",
+                  "UNDEFINED"}
+
+
+def _onnx_types(path: str) -> set:
+    """The element types of every tensor of an ONNX graph (inputs, outputs, intermediates,
+    initializers, constants), by name."""
+    import onnx
+    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
+    types = {v.type.tensor_type.elem_type for v in [*graph.input, *graph.output,
+                                                    *graph.value_info]}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {a.t.data_type for n in graph.node for a in n.attribute
+              if a.type == onnx.AttributeProto.TENSOR}
+    return {onnx.TensorProto.DataType.Name(t) for t in types}
+
+
 def test_onnx_export_of_every_unit_matches_pytorch(tiny_ckpt, tmp_path):
     """Each unit exported as the tensorrt backend exports it (dynamo, weights as inputs, batch
     dynamic), run by onnxruntime at batch 1 and 3 against the PyTorch layer: fp32 weights, so
     the comparison is the export's, not a dtype's (onnxruntime's CPU kernels lack bf16)."""
     ort = pytest.importorskip("onnxruntime")
     from mova_rt.benchmarks.flops import clip_shapes
-    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32", towers_only=True)
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="fp32", kernels="sdpa", towers_only=True)
     shapes = clip_shapes(pipe.cfg, **SIZE)
-    specs = E.unit_specs(pipe, shapes)
+    specs = E.unit_specs(pipe, shapes, torch.float32)      # as the tensorrt build exports them
     assert [s.name for s in specs] == ["video_block", "audio_block", "bridge_layer"]
     for spec in specs:
         path = str(tmp_path / f"{spec.name}.onnx")
         info = E.export_onnx(spec, path, torch.device("cpu"))
+        assert _onnx_types(path) <= TENSORRT_TYPES, _onnx_types(path) - TENSORRT_TYPES
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         assert names == info["input_names"][:len(names)]
@@ -440,19 +459,6 @@ def calibrated(tiny_ckpt, tmp_path_factory):
     return out
 
 
-def _onnx_types(path: str) -> set:
-    """The element types of every tensor of an ONNX graph (inputs, outputs, intermediates,
-    initializers, constants), by name."""
-    import onnx
-    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
-    types = {v.type.tensor_type.elem_type for v in [*graph.input, *graph.output,
-                                                    *graph.value_info]}
-    types |= {t.data_type for t in graph.initializer}
-    types |= {a.t.data_type for n in graph.node for a in n.attribute
-              if a.type == onnx.AttributeProto.TENSOR}
-    return {onnx.TensorProto.DataType.Name(t) for t in types}
-
-
 def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ckpt, tmp_path):
     """The fp8 TensorRT path up to the plans, on the CPU: a pipeline on calibrated weights with
     the build's settings (kernels sdpa, RoPE tables in float32: TensorRT has no float64); each
@@ -476,8 +482,6 @@ def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ck
             if p.dtype == torch.bfloat16:
                 p.data = p.data.float()
     specs = E.unit_specs(pipe, clip_shapes(pipe.cfg, **SIZE), torch.float32)
-    tensorrt_types = {"FLOAT", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "INT32", "INT64", "BOOL",
-                      "UNDEFINED"}
     layers, errs = 0, []
     for spec in specs:
         spec.inputs = {k: (shape, torch.float32 if d == torch.bfloat16 else d)
@@ -488,7 +492,7 @@ def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ck
         n_fp8 = sum(isinstance(m, quantize.Fp8Linear) for m in spec.template.modules())
         assert n_fp8 == 8 and ops.count("QuantizeLinear") == n_fp8, spec.name
         assert ops.count("DequantizeLinear") == 2 * n_fp8           # activations and weights
-        assert _onnx_types(path) <= tensorrt_types, _onnx_types(path) - tensorrt_types
+        assert _onnx_types(path) <= TENSORRT_TYPES, _onnx_types(path) - TENSORRT_TYPES
         for key, layer in E.unit_layers(pipe, spec.towers, spec.kind):
             bound = str(tmp_path / f"{key}.onnx")
             read = E.bind_weights(path, layer, bound)
