@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--calibrate: clip height, best the engine's (default 720)")
     qp.add_argument("--width", type=int, default=None, help="--calibrate: default 1280")
     qp.add_argument("--num_frames", type=int, default=None, help="--calibrate: default 193")
-    qp.add_argument("--calib_steps", type=int, default=8,
-                    help="--calibrate: denoising steps per prompt (all of them calibrate)")
+    qp.add_argument("--calib_steps", type=int, default=None,
+                    help="--calibrate: denoising steps per prompt, all of them calibrate "
+                         "(default 8)")
     qp.add_argument("--seed", type=int, default=42)
     qp.add_argument("--device", default=None, help="--calibrate: cpu, cuda or cuda:N (default: "
                                                    "cuda if present)")
@@ -449,7 +450,7 @@ def cmd_quantize(args) -> int:
     from .quantize import SCHEME, calibrate_checkpoint, quantize_checkpoint
 
     calib_only = [f"--{k}" for k in ("prompt", "ref_path", "height", "width", "num_frames",
-                                     "device") if getattr(args, k) is not None]
+                                     "calib_steps", "device") if getattr(args, k) is not None]
     if not args.calibrate:
         if calib_only:
             raise MovaInputError(f"{' '.join(calib_only)} describe calibration inputs: add "
@@ -460,6 +461,8 @@ def cmd_quantize(args) -> int:
     if not args.prompt:
         raise MovaInputError("--calibrate needs at least one --prompt (calibration runs short "
                              "generations; use prompts like the ones you will generate)")
+    if args.calib_steps is None:
+        args.calib_steps = 8
     if args.calib_steps < 1:
         raise MovaInputError("--calib_steps must be at least 1")
     for k, v in REFERENCE_DEFAULTS.items():

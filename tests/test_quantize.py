@@ -200,6 +200,7 @@ def test_quantize_command_and_generate_flag(tmp_path, tiny_ckpt):
 
 @pytest.mark.parametrize("extra, words", [
     (["--prompt", "x"], "--prompt describe calibration inputs: add --calibrate"),
+    (["--calib_steps", "4"], "--calib_steps describe calibration inputs"),
     (["--calibrate"], "needs at least one --prompt"),
     (["--calibrate", "--prompt", "x", "--calib_steps", "0"], "--calib_steps must be at least 1"),
 ])
