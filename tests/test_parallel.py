@@ -52,6 +52,7 @@ def _worker(rank, world, ulysses, store, lq, lk, dtype_name):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         err = (out.float() - shard(want, world, rank)).abs().max().item()
         assert out.shape == shard(q, world, rank).shape and err <= tol, (rank, err)
+        dist.barrier()      # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -175,6 +176,7 @@ def _pipeline_worker(rank, world, layout, ckpt, dtype, kw, out):
     try:
         latents = _generate(ckpt, dtype, Mesh(layout, rank), **kw)
         torch.save(latents, f"{out}.{rank}")
+        dist.barrier()      # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
