@@ -466,11 +466,8 @@ def calibrate_checkpoint(ckpt: str, out: str, prompts: list, ref_path: str | Non
 
     def components():
         for component, module in towers.items():
-            layers = {}
-            for name, scale in scales[component].items():
-                w_q, w_scale = quantize_rows(module.get_submodule(name).weight.detach())
-                layers[name] = (w_q, w_scale, scale)
-            yield component, layers
+            weights = quantize_component(component, module)
+            yield component, {name: (*wq, scales[component][name]) for name, wq in weights.items()}
     save(components(), ckpt, out)
     return scales
 
