@@ -88,10 +88,10 @@ EPS = 1e-6  # the DiTs' norm eps (config.json "eps")
 
 
 def fp8_gemm_backends() -> dict:
-    """The fp8 GEMMs of mova_rt/quantize.py on the bf16 case inputs (x, w, b), quantized once per
+    """The fp8 GEMMs of mova_rt/fp8/quantize.py on the bf16 case inputs (x, w, b), quantized once per
     input set outside the timing (the weights offline, the activations by their producer): name
     -> fn, or the reason it cannot run here. Their rates are read against the fp8 ceiling."""
-    from mova_rt import quantize
+    from mova_rt.fp8 import quantize
 
     def backend(gemm):
         fn = quantize._bound_gemm(gemm)

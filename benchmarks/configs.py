@@ -132,12 +132,12 @@ register("flash-attn", "as sdpa, with the flash-attn package's attention (when i
 
 
 def fp8_runner(kernels: str, gemm: str):
-    """The fp8 path (mova_rt/quantize.py) over the shared weights: the towers' Linear layers
+    """The fp8 path (mova_rt/fp8/) over the shared weights: the towers' Linear layers
     quantized once here (prepare time), the bf16 ones left shared."""
     def prepare(shared, cfg, scheduler, cfg_scale, fps):
-        from mova_rt import quantize
+        from mova_rt import fp8
         runner = eager_runner(kernels)(shared, cfg, scheduler, cfg_scale, fps)
-        quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+        fp8.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
                         "dual_tower_bridge": runner.bridge}, gemm=gemm)
         return runner
     return prepare
@@ -213,8 +213,8 @@ def engine_config(path: str, shapes) -> RuntimeConfig:
         runner = eager_runner(engine.kernels, cfg_batch=True)(shared, cfg, scheduler, cfg_scale,
                                                               fps)
         if engine.precision == "fp8":
-            from mova_rt import quantize
-            quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+            from mova_rt import fp8
+            fp8.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
                             "dual_tower_bridge": runner.bridge}, gemm="scaled_mm")
         engine.install(SimpleNamespace(video_dit=runner.video_dit, video_dit_2=None,
                                        audio_dit=runner.audio_dit, bridge=runner.bridge,

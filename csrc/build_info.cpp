@@ -1,6 +1,6 @@
 // Optional CUDA C++ extension of mova-rt (mova_rt._C): the bindings. Kernels take raw device
 // pointers and a stream handle from Python (torch's CUDAExtension cannot build against the CPU
-// torch of our CI machine); mova_rt/cuda_ext.py wraps them for tensors. Built without nvcc it
+// torch of our CI machine); mova_rt/fp8/cuda_ext.py wraps them for tensors. Built without nvcc it
 // holds build_info only.
 #include <pybind11/pybind11.h>
 

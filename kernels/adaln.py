@@ -13,7 +13,7 @@ contiguous [B, L, D] tensors in x's dtype.
     gated_residual_layernorm_affine: x_new = gated_residual(x, gate, y) (gate None: round(x + y)),
                          normed = layernorm_affine(x_new); one pass, returns (x_new, normed).
     layernorm_modulate_fp8, layernorm_affine_fp8 (bf16 only): the same rows quantized for the fp8
-                         GEMMs that consume them (mova_rt/quantize.py): e4m3 [B, L, D] and one
+                         GEMMs that consume them (mova_rt/fp8/quantize.py): e4m3 [B, L, D] and one
                          fp32 scale per token [B, L], s = max|row| / 448, q = e4m3(row / s); the
                          bf16 rows never reach memory (no separate quantization pass).
 
@@ -48,12 +48,12 @@ def layernorm_modulate_ref(x, shift, scale, eps: float):
 
 def layernorm_modulate_fp8_ref(x, shift, scale, eps: float):
     """The bf16 result quantized per token: quantize_rows (e4m3, scale amax / 448) of it."""
-    from ..quantize import quantize_rows
+    from ..fp8.quantize import quantize_rows
     return quantize_rows(layernorm_modulate_ref(x, shift, scale, eps))
 
 
 def layernorm_affine_fp8_ref(x, weight, bias, eps: float):
-    from ..quantize import quantize_rows
+    from ..fp8.quantize import quantize_rows
     return quantize_rows(layernorm_affine_ref(x, weight, bias, eps))
 
 
@@ -144,7 +144,7 @@ def _layernorm_modulated(X, SHIFT, SCALE, n_rows, L, D, stride_xb, stride_xl, st
 @triton.jit
 def _store_rows_e4m3(OUT, S, row, cols, mask, v, n_rows, D):
     """Rows v (fp32 holding the activation dtype's values) as e4m3 with one fp32 scale per row,
-    amax / 448: quantize_rows of mova_rt/quantize.py, IEEE divisions and all."""
+    amax / 448: quantize_rows of mova_rt/fp8/quantize.py, IEEE divisions and all."""
     amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1, keep_dims=True)       # [ROWS, 1]
     s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
     q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, s + tl.zeros_like(v)), -448.0), 448.0))

@@ -1,4 +1,4 @@
-"""fp8 GEMM with fused epilogues: the Linear layers of the fp8 path (mova_rt/quantize.py).
+"""fp8 GEMM with fused epilogues: the Linear layers of the fp8 path (mova_rt/fp8/quantize.py).
 
     y = s_a * s_b * (A_q @ B_q^T) + bias          (fp32 accumulation; e4m3 operands)
 

@@ -447,7 +447,8 @@ def _summary(pipe, out, args, total):
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import SCHEME, calibrate_checkpoint, quantize_checkpoint
+    from .fp8 import SCHEME
+    from .quantize_cmd import calibrate_checkpoint, quantize_checkpoint
 
     calib_only = [f"--{k}" for k in ("prompt", "ref_path", "height", "width", "num_frames",
                                      "calib_steps", "device") if getattr(args, k) is not None]
@@ -509,7 +510,7 @@ def cmd_info(args) -> int:
     print(f"triton: {_probe('triton')}")
     print(f"flash-attn: {_probe('flash_attn')}")
     print(f"tensorrt: {_probe('tensorrt')}")
-    from .cuda_ext import available, build_info
+    from .fp8.cuda_ext import available, build_info
     print(f"cuda extension (mova_rt._C): {build_info()}"
           + ("" if build_info() == "not built" else
              f" ({'kernels in use' if available() else 'no GPU: PyTorch fallbacks in use'})"))

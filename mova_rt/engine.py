@@ -28,7 +28,7 @@ Backends:
   gets its own plan, built from the unit's graph with that layer's weights bound as constants
   (bind_weights); the plans hold the weights and share one activation buffer.
 
-Precision: bf16, or fp8 (mova_rt/quantize.py: e4m3 weights with per-channel scales, activations per
+Precision: bf16, or fp8 (mova_rt/fp8/: e4m3 weights with per-channel scales, activations per
 token or with calibrated static scales, torch._scaled_mm GEMMs, whose quantization Inductor fuses
 into the producing kernels); the fp8 weights are quantized once at build time (or taken from
 `mova-rt quantize`, --fp8_weights) and stored in the engine (`weights/`).
@@ -600,7 +600,7 @@ def check_build_request(req: BuildRequest) -> torch.device:
 def _check_static_scales(req: BuildRequest) -> None:
     """TensorRT's fp8 is Q/DQ with build-time constant scales: the activations' scales must be
     calibrated (static, per tensor), which per-token quantization is not."""
-    from . import quantize
+    from . import fp8
     calibrate = ("mova-rt quantize --calibrate --ckpt_path CKPT --prompt \"...\" --height H "
                  "--width W --num_frames F --out FP8_DIR")
     if req.ckpt is None:
@@ -611,7 +611,7 @@ def _check_static_scales(req: BuildRequest) -> None:
         raise MovaInputError("--backend tensorrt --precision fp8 needs static (calibrated) "
                              "activation scales, TensorRT's fp8 takes no per-token scales: "
                              f"write them with `{calibrate}` and pass --fp8_weights FP8_DIR")
-    if quantize.activations_of(req.fp8_weights) - {"static-tensor"}:
+    if fp8.activations_of(req.fp8_weights) - {"static-tensor"}:
         raise MovaInputError(f"--fp8_weights {req.fp8_weights} quantizes activations per token "
                              "(no calibrated scales), TensorRT's fp8 needs static ones: write "
                              f"them with `{calibrate}`")
@@ -622,7 +622,7 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
     manifest."""
     from .benchmarks.flops import clip_shapes
     from .pipeline import MovaPipeline
-    from . import quantize
+    from . import fp8
 
     device = check_build_request(req)
     if req.ckpt is None:
@@ -648,8 +648,8 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
         weights = None
         if req.precision == "fp8" and req.ckpt is not None:
             log("writing the fp8 weights")
-            quantize.save(pipe.fp8_weights, req.ckpt, os.path.join(tmp, "weights"))
-            weights = {"dir": "weights", "format": quantize.FORMAT, "scheme": quantize.SCHEME}
+            fp8.save(pipe.fp8_weights, req.ckpt, os.path.join(tmp, "weights"))
+            weights = {"dir": "weights", "format": fp8.FORMAT, "scheme": fp8.SCHEME}
         os.makedirs(os.path.join(tmp, "units"))
         units = {}
         rope_dtype = torch.float32 if req.backend == "tensorrt" else torch.float64
@@ -691,7 +691,7 @@ def build(req: BuildRequest, out: str, log=print) -> dict:
             "format": FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "checkpoint": ({"path": os.path.abspath(req.ckpt),
-                            "digest": quantize.source_digest(req.ckpt)} if req.ckpt else
+                            "digest": fp8.source_digest(req.ckpt)} if req.ckpt else
                            {"path": None, "digest": f"preset:{req.preset}"}),
             "config": {"digest": config_digest(cfg), "model": config_json(cfg)},
             "request": req.as_dict(),
@@ -722,8 +722,8 @@ def _preset_towers(cfg, device, precision: str, kernels: str):
     shared = build_shared_weights(cfg, device, None, seed=0)
     runner = eager_runner(kernels)(shared, cfg, FlowMatchScheduler(cfg.scheduler, 50), 5.0, 24.0)
     if precision == "fp8":
-        from . import quantize
-        quantize.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
+        from . import fp8
+        fp8.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
                         "dual_tower_bridge": runner.bridge}, gemm="scaled_mm")
     return SimpleNamespace(cfg=cfg, video_dit=runner.video_dit, video_dit_2=runner.video_dit,
                            audio_dit=runner.audio_dit, bridge=runner.bridge, device=device)
@@ -789,7 +789,7 @@ class Engine:
 
     def check_model(self, ckpt: str, precision: str | None, kernels: str | None,
                     lora: bool) -> None:
-        from . import quantize
+        from . import fp8
         key = ("model", os.path.abspath(ckpt), precision, kernels, lora)
         if key in self._passed:
             return
@@ -798,7 +798,7 @@ class Engine:
             raise MovaInputError(f"engine {self.path} was built from random {built['digest']} "
                                  f"weights, for `mova-rt bench --engine`: build one for {ckpt} "
                                  f"with `{self.fix(ckpt)}`")
-        if quantize.source_digest(ckpt) != built["digest"]:
+        if fp8.source_digest(ckpt) != built["digest"]:
             raise MovaInputError(f"engine {self.path} was built from another checkpoint "
                                  f"({built['path']}), not {ckpt}: build one for it with "
                                  f"`{self.fix(ckpt)}`")
@@ -934,7 +934,7 @@ def _first_line(e: BaseException) -> str:
 
 def open_engine(path: str, verify: bool = True) -> Engine:
     """Reads and validates an engine folder: the manifest, every artifact it lists (size, and
-    sha256 of the compiled units; the fp8 weights are checked by quantize.load)."""
+    sha256 of the compiled units; the fp8 weights are checked by fp8.load)."""
     if not os.path.isdir(path):
         raise MovaInputError(f"--engine {path} is not a folder: build one with `mova-rt build "
                              "...` (see mova-rt build --help)")

@@ -35,7 +35,7 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
                                   tie_umt5_embeddings, umt5_expected_keys)
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
-from . import parallel, quantize
+from . import fp8, parallel
 from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
@@ -79,7 +79,7 @@ class MovaPipeline:
         self.streamer = None       # --offload group: the BlockStreamer
         self.residency = None      # --offload cpu: the ComponentResidency
         self.mesh = None           # context / CFG parallel: this rank's mova_rt.parallel.Mesh
-        self.precision = "bf16"    # of the DiT and bridge GEMMs (fp8: mova_rt/quantize.py)
+        self.precision = "bf16"    # of the DiT and bridge GEMMs (fp8: mova_rt/fp8/)
         self.fp8_weights = None    # fp8: {component: {layer: (w_q, w_scale, input_scale)}}
         self.engine = None         # an ahead-of-time engine (mova_rt/engine.py) run by the towers
 
@@ -97,7 +97,7 @@ class MovaPipeline:
         with stream_from_disk (group only), the streamed blocks: read from the checkpoint files
         at each use, so host RAM stays small. mesh: a mova_rt.parallel.Mesh (this rank's place
         in a torchrun launch) to run context- and CFG-parallel. precision fp8: the DiTs' and the
-        bridge's Linear layers in fp8 (mova_rt/quantize.py), from the folder fp8_weights written by
+        bridge's Linear layers in fp8 (mova_rt/fp8/), from the folder fp8_weights written by
         `mova-rt quantize`, or quantized here on load. kernels: a kernel set (default reference).
 
         engine: a folder written by `mova-rt build` (or an opened mova_rt.engine.Engine): the
@@ -180,13 +180,13 @@ class MovaPipeline:
                                                  "dual_tower_bridge")},
                        lora_path, alpha=lora_alpha, scale=lora_scale)
         if precision == "fp8":
-            towers = {name: modules[name] for name in quantize.COMPONENTS}
-            weights = quantize.load(fp8_weights, path) if fp8_weights else None
+            towers = {name: modules[name] for name in fp8.COMPONENTS}
+            weights = fp8.load(fp8_weights, path) if fp8_weights else None
             # --kernels triton*: mova-rt's fp8 GEMMs with fused epilogues, or cuBLASLt where the
-            # committed dispatch table measured it faster (mova_rt/fp8_dispatch.py); otherwise
+            # committed dispatch table measured it faster (mova_rt/fp8/dispatch.py); otherwise
             # cuBLASLt
             gemm = "auto" if kernels.startswith("triton") else "scaled_mm"
-            used = quantize.apply(towers, weights, gemm=gemm)
+            used = fp8.apply(towers, weights, gemm=gemm)
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision
         if precision == "fp8":

@@ -54,10 +54,10 @@ def damaged_copy(src: str, dst, edit=None) -> str:
 # build
 # ---------------------------------------------------------------------------------------------
 def test_manifest_names_everything_the_engine_depends_on(engines, tiny_ckpt):
-    from mova_rt import quantize
+    from mova_rt import fp8
     m = json.load(open(os.path.join(engines["fp8"], E.MANIFEST)))
     assert m["format"] == E.FORMAT
-    assert m["checkpoint"]["digest"] == quantize.source_digest(tiny_ckpt)
+    assert m["checkpoint"]["digest"] == fp8.source_digest(tiny_ckpt)
     assert m["config"]["model"]["video_dit"]["dim"] > 0 and len(m["config"]["digest"]) == 64
     assert m["request"] == {"height": 64, "width": 96, "num_frames": 17, "fps": 24.0,
                             "precision": "fp8", "backend": "inductor", "kernels": "reference",
@@ -472,7 +472,7 @@ def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ck
     2.2e-4 over 24 comparisons; bound 1e-3, 35x below fp8's own 3.5% error against bf16)."""
     ort = pytest.importorskip("onnxruntime")
     import onnx
-    from mova_rt import quantize
+    from mova_rt import fp8
     from mova_rt.benchmarks.flops import clip_shapes
     pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", kernels="sdpa", precision="fp8",
                                         fp8_weights=calibrated, towers_only=True)
@@ -489,7 +489,7 @@ def test_tensorrt_fp8_layers_export_as_qdq_and_match_pytorch(calibrated, tiny_ck
         path = str(tmp_path / f"{spec.name}.onnx")
         E.export_onnx(spec, path, torch.device("cpu"))
         ops = [n.op_type for n in onnx.load(path).graph.node]
-        n_fp8 = sum(isinstance(m, quantize.Fp8Linear) for m in spec.template.modules())
+        n_fp8 = sum(isinstance(m, fp8.Fp8Linear) for m in spec.template.modules())
         assert n_fp8 == 8 and ops.count("QuantizeLinear") == n_fp8, spec.name
         assert ops.count("DequantizeLinear") == 2 * n_fp8           # activations and weights
         assert _onnx_types(path) <= TENSORRT_TYPES, _onnx_types(path) - TENSORRT_TYPES

@@ -43,7 +43,7 @@ def test_installed_extension_and_fallback():
     without a GPU the activation quantization takes the PyTorch path, bit for bit the same."""
     import torch
 
-    from mova_rt import cuda_ext, quantize
+    from mova_rt.fp8 import cuda_ext, quantize
     if shutil.which("cmake"):
         assert cuda_ext._C is not None, "setup.py did not build mova_rt._C"
     x = torch.randn(45, 160).bfloat16()
@@ -56,7 +56,7 @@ def test_installed_extension_and_fallback():
 def test_cuda_quantize_rows_is_bit_identical_to_the_reference():
     import torch
 
-    from mova_rt import cuda_ext, quantize
+    from mova_rt.fp8 import cuda_ext, quantize
     assert cuda_ext.available()
     for shape in ((403, 5120), (1, 1536), (77, 13824), (3, 100)):
         x = (torch.randn(shape, device="cuda") * 7).bfloat16()

@@ -1,4 +1,4 @@
-"""The fp8 GEMM dispatch table (mova_rt/fp8_dispatch.py): built from bench --ops results, read per
+"""The fp8 GEMM dispatch table (mova_rt/fp8/dispatch.py): built from bench --ops results, read per
 (N, K) and GPU, and applied by quantize.apply(gemm="auto") without breaking the fused blocks."""
 import json
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mova_rt import fp8_dispatch, quantize
+from mova_rt.fp8 import dispatch as fp8_dispatch
+from mova_rt.fp8 import quantize
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -67,7 +68,7 @@ def test_auto_follows_the_table_and_fuses_only_all_triton_blocks(table, monkeypa
     """A table that sends the FFN-up shape to cuBLASLt: that layer runs _scaled_mm, so its FFN
     and its block stay unfused; everything else takes the Triton GEMMs."""
     pytest.importorskip("triton")
-    from mova_rt import fp8_block
+    from mova_rt.fp8 import block as fp8_block
     from mova_rt.models.video_dit import DiTBlock
     from mova_rt.ops import resolve
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import triton_compile_report
 
 fp8 = pytest.importorskip("mova_rt.kernels.fp8_gemm")
-from mova_rt.quantize import quantize_rows  # noqa: E402
+from mova_rt.fp8.quantize import quantize_rows  # noqa: E402
 
 BF16 = torch.bfloat16
 BF16_ULP = 2.0 ** -7           # relative spacing of bf16 (8-bit significand)

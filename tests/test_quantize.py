@@ -1,4 +1,4 @@
-"""fp8 weights (mova_rt/quantize.py): the numerics, which layers, the files and their checks, and
+"""fp8 weights (mova_rt/fp8/): the numerics, which layers, the files and their checks, and
 the per-forward error of the fp8 path against bf16 on the tiny model."""
 import json
 import os
@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mova_rt import quantize
+from mova_rt import fp8 as fp8_pkg
+from mova_rt.fp8 import quantize
+from mova_rt.quantize_cmd import quantize_checkpoint
 from mova_rt.errors import MovaInputError
 from mova_rt.pipeline import MovaPipeline
 
@@ -108,7 +110,7 @@ CLIP = dict(height=64, width=96, num_frames=17, num_inference_steps=2, progress=
 @pytest.fixture(scope="module")
 def fp8_dir(tiny_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fp8") / "q")
-    quantize.quantize_checkpoint(tiny_ckpt, out)
+    quantize_checkpoint(tiny_ckpt, out)
     return out
 
 
@@ -227,7 +229,7 @@ def test_modelopt_calibration_static_scales_end_to_end(tiny_ckpt, tmp_path):
     def loop():
         for dit, t in ((calib.video_dit, 900.0), (calib.video_dit_2, 300.0)):
             calib._forward(dit, v, a, text, torch.tensor([t]), 24.0)
-    scales = quantize.calibrate(towers, loop)
+    scales = fp8_pkg.calibrate(towers, loop)
     bf16 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
     for c, module in (("video_dit", bf16.video_dit), ("dual_tower_bridge", bf16.bridge)):
         assert set(scales[c]) == set(quantize.quantizable(c, module))
@@ -247,7 +249,7 @@ def test_modelopt_calibration_static_scales_end_to_end(tiny_ckpt, tmp_path):
     assert all(0 < e < 0.08 for e in errs)
 
     out = str(tmp_path / "static")
-    quantize.save(used, tiny_ckpt, out)
+    fp8_pkg.save(used, tiny_ckpt, out)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["components"]["audio_dit"]["activations"] == "static-tensor"
     again = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
@@ -269,7 +271,7 @@ def test_triton_fp8_path_fuses_the_ffn_and_holds_the_error_bound(tiny_ckpt):
     fp8 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8", kernels="triton")
     assert isinstance(fp8.video_dit.blocks[0].ffn, quantize.Fp8FFN)
     assert isinstance(fp8.audio_dit.blocks[1].ffn, quantize.Fp8FFN)
-    from mova_rt.fp8_block import Fp8DiTBlock      # producers quantize, epilogues add residuals
+    from mova_rt.fp8.block import Fp8DiTBlock      # producers quantize, epilogues add residuals
     assert all(type(b) is Fp8DiTBlock for d in (fp8.video_dit, fp8.audio_dit) for b in d.blocks)
     bf16 = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16")
     got = fp8._forward(fp8.video_dit, v, a, text, t, 24.0)
@@ -280,11 +282,11 @@ def test_triton_fp8_path_fuses_the_ffn_and_holds_the_error_bound(tiny_ckpt):
 
 
 def test_fused_fp8_block_equals_the_unfused_fp8_block():
-    """mova_rt/fp8_block.py: the norms writing e4m3 + per-token scales and the residuals in the
+    """mova_rt/fp8/block.py: the norms writing e4m3 + per-token scales and the residuals in the
     GEMM epilogues give the same block output as Fp8Linear after the bf16 norm kernels, on the
     same weights: batch 2 with a shared (batch-1) modulation, 37 tokens (ragged GEMM tiles)."""
     pytest.importorskip("triton")
-    from mova_rt import fp8_block
+    from mova_rt.fp8 import block as fp8_block
     from mova_rt.models.video_dit import DiTBlock
     from mova_rt.ops import resolve
     from mova_rt.rope import InterleavedRope

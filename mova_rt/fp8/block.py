@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import adaln
-from .kernels.fp8_gemm import EPI_GATE_RESIDUAL, EPI_GELU_FP8, fp8_gemm
-from .models.video_dit import DiTBlock
+from ..kernels import adaln
+from ..kernels.fp8_gemm import EPI_GATE_RESIDUAL, EPI_GELU_FP8, fp8_gemm
+from ..models.video_dit import DiTBlock
 from .quantize import Fp8FFN, Fp8Linear, quantize_activations
 
 

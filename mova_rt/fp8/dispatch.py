@@ -5,12 +5,12 @@ benchmark results.
 The table is built from `mova-rt bench --ops` result files (their `linear.*` rows, backends
 `fp8-triton` and `fp8-scaled_mm`) by `build`, and written by
 
-    python -m mova_rt.fp8_dispatch benchmarks/results/<run>.json [...] --out mova_rt/data/fp8_dispatch.json
+    python -m mova_rt.fp8.dispatch benchmarks/results/<run>.json [...] --out mova_rt/data/fp8_dispatch.json
 
 Format `mova-rt-fp8-dispatch/1`: {"format", "sources": [{"file", "commit", "device_name"}],
 "entries": [{"device_name", "m", "n", "k", "pick", "ms": {backend: median}}]}. A shape is picked
 for the backend with the lower median time; the Triton kernel also keeps the block's fused
-producers and epilogues (mova_rt/fp8_block.py), so its time in the model is lower than in the
+producers and epilogues (mova_rt/fp8/block.py), so its time in the model is lower than in the
 isolated row, and it wins ties.
 
 `pick(n, k, device_name)` answers from the entry of that GPU name with that (N, K) (the largest
@@ -30,7 +30,7 @@ import sys
 FORMAT = "mova-rt-fp8-dispatch/1"
 DEFAULT = "triton"
 BACKENDS = {"fp8-triton": "triton", "fp8-scaled_mm": "scaled_mm"}
-TABLE = os.path.join(os.path.dirname(__file__), "data", "fp8_dispatch.json")
+TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "fp8_dispatch.json")
 _SHAPE = re.compile(r"^\[(\d+), (\d+)\] x \[(\d+), (\d+)\]")
 
 
@@ -106,7 +106,7 @@ def device_name(device) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mova_rt.fp8_dispatch",
+    ap = argparse.ArgumentParser(prog="python -m mova_rt.fp8.dispatch",
                                  description="Build the fp8 GEMM dispatch table from bench results")
     ap.add_argument("results", nargs="+", help="mova-rt bench --ops JSON files (GPU runs)")
     ap.add_argument("--out", default=TABLE)

@@ -12,7 +12,7 @@ import functools
 import torch
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError:      # not built (no cmake / pybind11 at install time): fallbacks only
     _C = None
 
@@ -51,9 +51,9 @@ def takes(x: torch.Tensor) -> bool:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple:
-    """Per-row e4m3 quantization (mova_rt.quantize.quantize_rows): the CUDA kernel where it
+    """Per-row e4m3 quantization (mova_rt.fp8.quantize.quantize_rows): the CUDA kernel where it
     `takes` x, else the reference (the two are bit-identical: the same fp32 division and
-    rounding). The model's layers call mova_rt.quantize.quantize_activations instead."""
+    rounding). The model's layers call mova_rt.fp8.quantize.quantize_activations instead."""
     if takes(x):
         return _quantize_rows_cuda(x)
     from .quantize import quantize_rows as reference

@@ -22,25 +22,18 @@ Which Linear layers (and why the others stay in the checkpoint dtype):
   reference runs them in fp32); the heads (64 or 128 output channels that become the velocity
   directly); norms and modulation tables (not GEMMs).
 
-Files (`save` / `load`): one safetensors file per component, `<layer>.weight` (F8_E4M3) and
-`<layer>.weight_scale` (F32) (and `<layer>.input_scale` when calibrated), next to `manifest.json` (format, scheme, the source checkpoint's
-fingerprint, the layers and shapes). Biases are not copied: they load from the checkpoint.
+Files: mova_rt/fp8/weights.py; calibration: mova_rt/fp8/calibrate.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import cuda_ext, fp8_dispatch
-from .errors import MovaInputError
+from ..errors import MovaInputError
+from . import cuda_ext, dispatch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0                       # largest finite e4m3fn value
@@ -103,7 +96,7 @@ def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 def fp8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     """mova-rt's Triton fp8 GEMM (kernels/fp8_gemm.py), bias epilogue. Fp8Linear binds the
     kernel itself when built (Triton is imported only for this backend)."""
-    from .kernels.fp8_gemm import fp8_gemm
+    from ..kernels.fp8_gemm import fp8_gemm
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
 
 
@@ -111,7 +104,7 @@ def _bound_gemm(name: str):
     """The GEMMS backend `name`, with the Triton kernel imported once here, not per call."""
     if name != "triton":
         return GEMMS[name]
-    from .kernels.fp8_gemm import fp8_gemm
+    from ..kernels.fp8_gemm import fp8_gemm
 
     def triton_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
         return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
@@ -190,7 +183,7 @@ class Fp8FFN(nn.Module):
 
     def __init__(self, up: Fp8Linear, down: Fp8Linear):
         super().__init__()
-        from .kernels import fp8_gemm        # Triton: imported when the fused path is built
+        from ..kernels import fp8_gemm        # Triton: imported when the fused path is built
         self.add_module("0", up)
         self.add_module("2", down)
         self._gemm, self._gelu_fp8 = fp8_gemm.fp8_gemm, fp8_gemm.EPI_GELU_FP8
@@ -245,8 +238,8 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
     (input_scale: a calibrated static scale, or None); input_scales {component: {layer:
     scale}} from `calibrate` sets (or replaces) those; weights None quantizes the modules' own
     weights (on load). gemm: a GEMMS backend, or "auto": per weight shape from the dispatch table
-    (mova_rt/fp8_dispatch.py). Where a block's GEMMs are all "triton", its FFN is fused (Fp8FFN)
-    and so are its activation quantization and residuals (mova_rt/fp8_block.py). Returns the
+    (mova_rt/dispatch.py). Where a block's GEMMs are all "triton", its FFN is fused (Fp8FFN)
+    and so are its activation quantization and residuals (mova_rt/fp8/block.py). Returns the
     weights used (for `save`)."""
     if gemm not in GEMMS and gemm != "auto":
         raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose auto, "
@@ -273,211 +266,13 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
             if input_scales is not None:
                 in_scale = input_scales[component][name]
             bias = None if linear.bias is None else linear.bias.detach()
-            chosen = gemm if gemm != "auto" else fp8_dispatch.pick(
-                *w_q.shape, fp8_dispatch.device_name(dev))
+            chosen = gemm if gemm != "auto" else dispatch.pick(
+                *w_q.shape, dispatch.device_name(dev))
             _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, chosen,
                                          None if in_scale is None else in_scale.to(dev)))
             used[component][name] = (w_q, w_scale, in_scale)
         if gemm in ("triton", "auto"):
-            from . import fp8_block
+            from . import block
             _fuse_ffns(module)
-            fp8_block.fuse(module)
+            block.fuse(module)
     return used
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Files: save once, load with checks
-# ---------------------------------------------------------------------------------------------
-def source_digest(ckpt: str) -> str:
-    """One digest of the checkpoint's fingerprint (mova_rt.launch.checkpoint_fingerprint)."""
-    from .launch import checkpoint_fingerprint
-    prints = checkpoint_fingerprint(ckpt)
-    return hashlib.sha256(json.dumps(prints, sort_keys=True).encode()).hexdigest()
-
-
-def save(weights, ckpt: str, out: str) -> None:
-    """Writes fp8 weights to the new folder `out`, atomically. weights: {component: {layer:
-    (w_q, w_scale)}} (from `apply`) or an iterable of (component, layers) pairs, consumed one
-    component at a time (quantize_checkpoint)."""
-    from .files import new_folder
-    with new_folder(out, ".mova-fp8-") as tmp:
-        manifest = {"format": FORMAT, "scheme": SCHEME, "source": os.path.abspath(ckpt),
-                    "source_digest": source_digest(ckpt), "components": {}}
-        pairs = weights.items() if isinstance(weights, dict) else weights
-        static = set()
-        for component, layers in pairs:
-            tensors = {}
-            for name, entry in layers.items():
-                w_q, w_scale, in_scale = (tuple(entry) + (None,))[:3]
-                tensors[f"{name}.weight"] = w_q.detach().cpu().contiguous()
-                tensors[f"{name}.weight_scale"] = w_scale.detach().float().cpu().contiguous()
-                if in_scale is not None:
-                    tensors[f"{name}.input_scale"] = in_scale.detach().float().cpu().reshape(())
-                    static.add(component)
-            fname = f"{component}.fp8.safetensors"
-            save_file(tensors, os.path.join(tmp, fname), metadata={"scheme": SCHEME})
-            manifest["components"][component] = {
-                "file": fname, "layers": {n: list(e[0].shape) for n, e in layers.items()},
-                "activations": "static-tensor" if component in static else "dynamic-token"}
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2)
-
-
-def load(path: str, ckpt: str, device="cpu") -> dict:
-    """{component: {layer: (w_q, w_scale, input_scale or None)}} from a folder written by `save`,
-    after checking it
-    belongs to `ckpt` and is complete. Raises MovaInputError naming the problem and the fix."""
-    redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
-    try:
-        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise MovaInputError(f"--fp8_weights {path} has no manifest.json: point it at a folder "
-                             f"written by `{redo}`") from None
-    except (OSError, ValueError) as e:
-        raise MovaInputError(f"--fp8_weights {path}: manifest.json is unreadable ({e}): write it "
-                             f"again with `{redo}`") from None
-    if manifest.get("format") != FORMAT or manifest.get("scheme") != SCHEME:
-        raise MovaInputError(f"--fp8_weights {path} is {manifest.get('format')} / "
-                             f"{manifest.get('scheme')}, this mova-rt reads {FORMAT} / {SCHEME}: "
-                             f"write it again with `{redo}`")
-    if manifest.get("source_digest") != source_digest(ckpt):
-        raise MovaInputError(f"--fp8_weights {path} was quantized from another checkpoint "
-                             f"({manifest.get('source')}), not {ckpt}: use its own fp8 weights "
-                             f"or `{redo}`")
-    comps = manifest.get("components", {})
-    if set(comps) != set(COMPONENTS):
-        raise MovaInputError(f"--fp8_weights {path} lacks {sorted(set(COMPONENTS) - set(comps))}: "
-                             f"write it again with `{redo}`")
-    out = {}
-    for component, entry in comps.items():
-        fname = os.path.join(path, entry["file"])
-        static = entry.get("activations", "dynamic-token") == "static-tensor"
-        layers = {}
-        try:
-            with safe_open(fname, framework="pt", device=str(device)) as f:
-                keys = set(f.keys())
-                for name, shape in entry["layers"].items():
-                    w_q, w_scale = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.weight_scale")
-                    if list(w_q.shape) != shape or w_q.dtype != FP8 or w_scale.shape != (shape[0],):
-                        raise ValueError(f"{name} is {tuple(w_q.shape)} {w_q.dtype}")
-                    in_scale = None
-                    if static:
-                        in_scale = f.get_tensor(f"{name}.input_scale")
-                        if in_scale.numel() != 1 or not bool(in_scale.float() > 0):
-                            raise ValueError(f"{name}.input_scale is not one positive scale")
-                    layers[name] = (w_q, w_scale, in_scale)
-                if len(keys) != (3 if static else 2) * len(entry["layers"]):
-                    raise ValueError("the file holds tensors the manifest does not list")
-        except Exception as e:       # safetensors raises several types for a damaged file
-            raise MovaInputError(f"--fp8_weights {fname} is damaged or incomplete "
-                                 f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
-                                 f"write it again with `{redo}`") from None
-        out[component] = layers
-    return out
-
-
-def quantize_checkpoint(ckpt: str, out: str) -> None:
-    """`mova-rt quantize`: the fp8 weights of a checkpoint, one component in host memory at a
-    time (the largest, an expert, is 28.6 GB in bf16)."""
-    from .config import load_config
-    from .loader import load_state
-    from .models.audio_dit import AudioDiT
-    from .models.bridge import Bridge
-    from .models.video_dit import VideoDiT
-    from .ops import resolve
-
-    cfg = load_config(ckpt)
-    ops = resolve("reference")
-    builders = {"video_dit": lambda: VideoDiT(cfg.video_dit, ops),
-                "video_dit_2": lambda: VideoDiT(cfg.video_dit_2, ops),
-                "audio_dit": lambda: AudioDiT(cfg.audio_dit, ops),
-                "dual_tower_bridge": lambda: Bridge(cfg.bridge, ops)}
-
-    def components():
-        for name in COMPONENTS:
-            with torch.device("meta"):
-                module = builders[name]()
-            module = load_state(module, ckpt, name, torch.bfloat16, "cpu")
-            yield name, quantize_component(name, module)
-            del module
-
-    save(components(), ckpt, out)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Optional calibration through nvidia-modelopt (static activation scales)
-# ---------------------------------------------------------------------------------------------
-def modelopt_quantization():
-    """modelopt.torch.quantization, or MovaInputError when nvidia-modelopt is not installed."""
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError:
-        raise MovaInputError("calibration needs nvidia-modelopt (pip install nvidia-modelopt); "
-                             "dynamic per-token scales need nothing") from None
-    return mtq
-
-
-def calibrate(modules: dict, forward_loop) -> dict:
-    """Static per-tensor input scales {component: {layer: amax / 448}} of the quantizable Linear
-    layers of modules {component: module}, from nvidia-modelopt's FP8 calibration (max
-    calibrator) over forward_loop(), which runs the model on calibration inputs. modelopt
-    rewrites the modules in place (fake-quant layers): calibrate a throwaway bf16 copy, then
-    pass the scales to `apply(..., input_scales=)` (and `save`). Optional: raises
-    MovaInputError when modelopt is not installed."""
-    mtq = modelopt_quantization()
-    layers = {c: set(quantizable(c, m)) for c, m in modules.items() if m is not None}
-    holder = nn.ModuleDict({c: m for c, m in modules.items() if m is not None})
-    mtq.quantize(holder, mtq.FP8_DEFAULT_CFG, lambda _: forward_loop())
-    scales: dict = {c: {} for c in layers}
-    for name, m in holder.named_modules():
-        component, _, layer = name.partition(".")
-        amax = getattr(getattr(m, "input_quantizer", None), "amax", None)
-        if layer in layers.get(component, ()) and amax is not None:
-            scales[component][layer] = torch.tensor(float(amax.float().max()) / FP8_MAX)
-    missing = [f"{c}/{n}" for c, names in layers.items() for n in names if n not in scales[c]]
-    if missing:
-        raise MovaInputError(f"calibration saw no input for {len(missing)} layers (e.g. "
-                             f"{missing[0]}): the forward loop must run every tower")
-    return scales
-
-
-def calibrate_checkpoint(ckpt: str, out: str, prompts: list, ref_path: str | None,
-                         height: int, width: int, num_frames: int, steps: int = 8,
-                         seed: int = 42, device="cpu", log=print) -> dict:
-    """`mova-rt quantize --calibrate`: fp8 weights with static input scales, calibrated by
-    nvidia-modelopt over `steps`-step generations of each prompt at the given clip size (both
-    experts run when the schedule crosses their boundary; the bf16 reference kernels, so every
-    quantizable Linear sees its input), written to `out` like `save`. The weights are quantized
-    from the same bf16 tensors (modelopt wraps the Linear layers, it keeps their weights).
-    Returns the scales."""
-    from .pipeline import MovaPipeline
-    modelopt_quantization()               # before the weights are read
-    pipe = MovaPipeline.from_pretrained(ckpt, device=device, dtype="bf16", kernels="reference")
-    towers = {"video_dit": pipe.video_dit, "video_dit_2": pipe.video_dit_2,
-              "audio_dit": pipe.audio_dit, "dual_tower_bridge": pipe.bridge}
-
-    def loop():
-        for i, prompt in enumerate(prompts):
-            log(f"calibrating on prompt {i + 1}/{len(prompts)} ({steps} steps)")
-            pipe(prompt, ref_path=ref_path, height=height, width=width, num_frames=num_frames,
-                 num_inference_steps=steps, seed=seed + i, decode=False, progress=False)
-    scales = calibrate(towers, loop)
-
-    def components():
-        for component, module in towers.items():
-            weights = quantize_component(component, module)
-            yield component, {name: (*wq, scales[component][name]) for name, wq in weights.items()}
-    save(components(), ckpt, out)
-    return scales
-
-
-def activations_of(path: str) -> set:
-    """The activation modes ("static-tensor", "dynamic-token") of an fp8 weights folder's
-    components, from its manifest (empty when it has none: `load` names that problem)."""
-    try:
-        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
-            comps = json.load(fh).get("components", {})
-        return {entry.get("activations", "dynamic-token") for entry in comps.values()}
-    except (OSError, ValueError, AttributeError):
-        return set()
