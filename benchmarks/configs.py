@@ -62,7 +62,8 @@ def share_weights(module_cls, module_cfg, ops, source: nn.Module) -> nn.Module:
     with torch.device("meta"):
         module = module_cls(module_cfg, ops)
     module.load_state_dict(source.state_dict(), strict=True, assign=True)
-    return module.eval()
+    # assign=True keeps the new module's requires_grad (True): inference weights never need it
+    return module.eval().requires_grad_(False)
 
 
 def eager_runner(kernels: str, cfg_batch: bool = False, cache: bool = False):
@@ -115,7 +116,7 @@ def _host_copy(name: str, module: nn.Module, cfg) -> nn.Module:
     with torch.device("meta"):
         host = cls(tower_config(cfg, name), resolve("reference"))
     host.load_state_dict({k: v.to("cpu") for k, v in module.state_dict().items()}, assign=True)
-    return host.eval()
+    return host.eval().requires_grad_(False)
 
 
 def _compute_device() -> torch.device:

@@ -60,7 +60,9 @@ def randomize_(module: nn.Module, gen: torch.Generator, device="cpu"):
     for _, b in module.named_buffers():
         if b.is_floating_point():
             b.zero_()
-    return module
+    # Inference weights: autograd must never record a forward over them (it would keep fp32
+    # copies of the time MLPs and every activation alive, as the first GPU run showed).
+    return module.requires_grad_(False)
 
 
 def _state(module: nn.Module, dtype: torch.dtype, drop: set[str] = frozenset()) -> dict:

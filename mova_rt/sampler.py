@@ -127,6 +127,7 @@ class GuidedStep:
                         ropes=self._ropes[(grid, agrid)])
 
     # -- one step -----------------------------------------------------------------------------
+    @torch.no_grad()    # the caches made here outlive the step: autograd must record none of it
     def __call__(self, dit, i: int, latents: torch.Tensor, audio: torch.Tensor,
                  condition: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None):
         """Step i of the schedule: returns the updated (latents, audio), both fp32."""

@@ -15,3 +15,35 @@ def triton_compile_report(module: str, archs=(90, 89)) -> list:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def autograd_leaks(obj, name: str = "", depth: int = 0) -> list:
+    """Names of the tensors reachable from `obj` (modules' parameters and buffers, and tensors in
+    dicts, lists, tuples, dataclasses and plain objects' attributes, a few levels deep) that
+    require grad or carry a grad_fn: what an inference runtime must never hold."""
+    import dataclasses
+
+    import torch
+    import torch.nn as nn
+
+    if depth > 6:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [name] if obj.requires_grad or obj.grad_fn is not None else []
+    if isinstance(obj, nn.Module):
+        return [f"{name}.{n}" for n, t in (*obj.named_parameters(), *obj.named_buffers())
+                if t.requires_grad or t.grad_fn is not None]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = vars(obj).items()
+    else:
+        return []
+    out = []
+    for k, v in items:
+        out += autograd_leaks(v, f"{name}.{k}" if name else str(k), depth + 1)
+    return out
