@@ -116,7 +116,9 @@ class ConfigRun:
 
 def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: list,
               warmup: int, steps: int, shared: dict, inputs: dict, cfg_scale: float,
-              num_inference_steps: int, log) -> list[ConfigRun]:
+              num_inference_steps: int, log, progress=None) -> list[ConfigRun]:
+    """progress(runs), when given, is called after every step (a child process rewrites its
+    results file with it)."""
     sched = FlowMatchScheduler(cfg.scheduler, num_inference_steps)
     # Stay on the high-noise expert's steps (indices before the switch), as the first steps of a
     # real run do.
@@ -181,6 +183,8 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
             if dt is None:
                 continue
             (r.warmup_s if phase == "warm-up" else r.step_s).append(dt)
+            if progress is not None:
+                progress(runs)
             log(f"{r.rc.name}: {phase} step {k + 1}/{warmup if phase == 'warm-up' else steps} "
                 f"{dt:.3f} s")
     for r in runs:

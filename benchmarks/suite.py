@@ -79,6 +79,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cold-steps", dest="cold_steps", type=int, default=3,
                    help="denoising steps each cold-start process runs (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--same-process", dest="same_process", action="store_true",
+                   help="run every configuration in this process, side by side on shared "
+                        "weights, steps alternating (default: each in a process of its own, so "
+                        "one configuration's memory never counts against another's)")
+    p.add_argument("--config-timeout", dest="config_timeout", type=float, default=None,
+                   metavar="S", help="seconds each configuration's process may run; past it "
+                                     "it is killed and reported as a timeout with the steps it "
+                                     "finished, and the others still run")
+    p.add_argument("--child-of", dest="child_of", type=int, default=None,
+                   help=argparse.SUPPRESS)     # a configuration's own process (isolate.py)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -184,6 +194,8 @@ def run(args) -> int:
         return _render_only(args.render, args.chart)
     device, cfg, shapes, configs = _validate(args)
     log = Log(args.progress)
+    if args.child_of is not None:
+        return _child(args, cfg, shapes, device, configs, log)
     full = args.preset != "tiny" and device.type == "cuda"
     data = {"schema": SCHEMA, "complete": False,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,7 +234,16 @@ def run(args) -> int:
         write_json(args.json, data)
 
     if args.steps > 0:
-        _step_phase(args, cfg, shapes, device, configs, data, log)
+        if args.same_process:
+            _step_phase(args, cfg, shapes, device, configs, data, log)
+        else:
+            from .isolate import finish_rows, run_isolated
+            free_device_memory(device)         # the children's peaks are theirs alone
+            rows, builds = run_isolated(args, configs, log)
+            data["configs"] = finish_rows(rows, data["work"]["flops_per_forward"],
+                                          data["ceilings"])
+            data["build"] = next((b for b in builds.values() if b), None) or {
+                "status": "failed", "message": "no configuration built its weights"}
         write_json(args.json, data)
 
     if args.cold_start:
@@ -249,9 +270,34 @@ def run(args) -> int:
     return 0
 
 
-def _step_phase(args, cfg, shapes, device, configs, data, log):
-    from .bench_step import (_oom_message, build_shared_weights, free_device_memory, make_inputs,
-                             run_steps, summarise)
+def _child(args, cfg, shapes, device, configs, log) -> int:
+    """One configuration's own process (isolate.py): its weights, its steps, its row, rewritten
+    after every step so a parent that kills it at its time limit still has the finished steps."""
+    from .flops import forward_flops
+    data = {"schema": SCHEMA, "complete": False, "child": True,
+            "work": {"flops_per_forward": sum(forward_flops(cfg, shapes).values())},
+            "ceilings": {}}
+
+    def progress(rows):
+        data["configs"] = rows
+        write_json(args.json, data)
+    _step_phase(args, cfg, shapes, device, configs, data, log, progress)
+    data["peak_rss_process_gib"] = _process_peak_rss() / GIB
+    for row in data.get("configs", []):
+        row["peak_rss_process_gib"] = data["peak_rss_process_gib"]
+    data["complete"] = True
+    write_json(args.json, data)
+    return 0
+
+
+def free_device_memory(device):
+    from .bench_step import free_device_memory as free
+    free(device)
+
+
+def _step_phase(args, cfg, shapes, device, configs, data, log, progress=None):
+    from .bench_step import (_oom_message, build_shared_weights, make_inputs, run_steps,
+                             summarise)
     log(f"building weights ({'checkpoint ' + args.ckpt_path if args.ckpt_path else 'random bf16'}"
         f" on {device})")
     t0 = time.perf_counter()
@@ -262,8 +308,9 @@ def _step_phase(args, cfg, shapes, device, configs, data, log):
         inputs = make_inputs(cfg, shapes, device, args.seed)
     except torch.OutOfMemoryError as e:
         msg = _oom_message(e, device, "weight build")
-        est = data["plan"]["vram_estimate_gib"]
-        msg += f"; the estimate for one forward is {est:.1f} GiB + the CUDA context"
+        if "plan" in data:
+            est = data["plan"]["vram_estimate_gib"]
+            msg += f"; the estimate for one forward is {est:.1f} GiB + the CUDA context"
         data["build"] = {"status": "oom", "message": msg}
         data["configs"] = [{"name": rc.name, "description": rc.description, "status": "oom",
                             "message": msg} for rc in configs]
@@ -275,8 +322,10 @@ def _step_phase(args, cfg, shapes, device, configs, data, log):
     data["build"] = {"status": "ok", "seconds": build_s, "weights_gib": weights / GIB,
                      "source": args.ckpt_path or "random"}
     log(f"weights: {weights / GIB:.2f} GiB in {build_s:.1f} s")
+    flops = data["work"]["flops_per_forward"]
     runs = run_steps(cfg, shapes, device, configs, args.warmup, args.steps, shared, inputs,
-                     args.cfg_scale, args.num_inference_steps, log)
+                     args.cfg_scale, args.num_inference_steps, log,
+                     None if progress is None else lambda rs: progress(summarise(rs, flops, {})))
     data["configs"] = summarise(runs, data["work"]["flops_per_forward"], data["ceilings"])
     del shared, inputs
     free_device_memory(device)

@@ -118,6 +118,8 @@ def test_whole_suite_small_on_cpu(tmp_path, capsys):
         assert set(c["towers_s_per_forward"]) == {"video_blocks", "audio_blocks", "bridge", "rest"}
         assert c["towers_s_per_forward"]["video_blocks"] > 0
     assert ref["ratio_to_first"] == 1.0 and sdpa["ratio_to_first"] > 0
+    # each configuration ran in a process of its own (the default) and reports that process's peak
+    assert all(c["process_s"] > 0 and c["peak_rss_process_gib"] > 0 for c in (ref, sdpa))
     ops = {(r["op"], r["backend"]): r for r in data["ops"]}
     for op in ("attention.video_self", "attention.audio_self", "attention.bridge_a2v",
                "attention.bridge_v2a", "attention.video_text", "linear.video_ffn_up",
@@ -293,7 +295,7 @@ def test_runtime_feature_configs_side_by_side(tmp_path):
     js = tmp_path / "f.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs",
                  "reference,cfg-batch,cache,offload-group", "--warmup", "1", "--steps", "2",
-                 "--json", str(js), "--no-progress"]) == 0
+                 "--json", str(js), "--no-progress", "--same-process"]) == 0
     rows = json.loads(js.read_text())["configs"]
     assert [r["name"] for r in rows] == ["reference", "cfg-batch", "cache", "offload-group"]
     assert all(r["status"] == "ok" and len(r["step_s"]["samples"]) == 2 for r in rows)
@@ -307,8 +309,32 @@ def test_fp8_config_beside_reference(tmp_path):
     js = tmp_path / "fp8.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs",
                  "reference,fp8-cublas", "--warmup", "0", "--steps", "1",
-                 "--json", str(js), "--no-progress"]) == 0
+                 "--json", str(js), "--no-progress", "--same-process"]) == 0
     rows = json.loads(js.read_text())["configs"]
     assert [r["name"] for r in rows] == ["reference", "fp8-cublas"]
     assert "fp8" in bench_configs.CONFIGS
     assert all(r["status"] == "ok" for r in rows), [r.get("message") for r in rows]
+
+
+def test_each_configuration_has_its_own_time_limit_and_a_crash_is_a_result(tmp_path,
+                                                                           monkeypatch):
+    """--config-timeout kills a configuration's process past its limit (0.5 s: less than a
+    child needs to import torch) and reports it; a child that dies is reported as crashed; the
+    run itself goes on and exits 0."""
+    from mova_rt.benchmarks import isolate
+    js = tmp_path / "t.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs", "reference",
+                 "--steps", "1", "--warmup", "0", "--config-timeout", "0.5", "--json", str(js),
+                 "--no-progress"]) == 0
+    row = json.loads(js.read_text())["configs"][0]
+    assert row["status"] == "timeout" and "0.5 s" in row["message"]
+
+    real = isolate.child_command
+    monkeypatch.setattr(isolate, "child_command", lambda args, name, out: (
+        [sys.executable, "-c", "import os; os.abort()"] if name == "sdpa" else
+        real(args, name, out)))
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs", "sdpa,reference",
+                 "--steps", "1", "--warmup", "0", "--json", str(js), "--no-progress"]) == 0
+    crashed, ok = json.loads(js.read_text())["configs"]
+    assert crashed["status"] == "crashed" and "signal 6" in crashed["message"]
+    assert ok["status"] == "ok" and ok["ratio_to_first"] is None     # no first time to compare
