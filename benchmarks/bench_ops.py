@@ -88,38 +88,29 @@ EPS = 1e-6  # the DiTs' norm eps (config.json "eps")
 
 
 def fp8_gemm_backends() -> dict:
-    """The fp8 GEMMs of mova_rt/fp8/quantize.py on the bf16 case inputs (x, w, b), quantized once per
-    input set outside the timing (the weights offline, the activations by their producer): name
-    -> fn, or the reason it cannot run here. Their rates are read against the fp8 ceiling."""
+    """The fp8 GEMM of mova_rt/fp8 (torch._scaled_mm, bias epilogue, bf16 out) on the bf16 case
+    inputs (x, w, b), quantized once per input outside the timing, as the model's producers
+    quantize them."""
     from mova_rt.fp8 import quantize
+    memo = {}
 
-    def backend(gemm):
-        fn = quantize._bound_gemm(gemm)
-        memo = {}
-
-        def run(x, w, b):
-            key = (x.data_ptr(), w.data_ptr())
-            if key not in memo:
-                memo.clear()
-                memo[key] = (*quantize.quantize_rows(x), *quantize.quantize_rows(w))
-            x_q, x_s, w_q, w_s = memo[key]
-            return fn(x_q, x_s, w_q, w_s, b, x.dtype)
-        return run
-
-    out = {"fp8-scaled_mm": backend("scaled_mm")}
-    try:
-        out["fp8-triton"] = backend("triton")
-    except ImportError as e:
-        out["fp8-triton"] = f"needs Triton ({e})"
-    return out
+    def run(x, w, b):
+        key = (x.data_ptr(), w.data_ptr())
+        if key not in memo:
+            memo.clear()
+            memo[key] = (*quantize.quantize_rows(x), *quantize.quantize_rows(w))
+        x_q, x_s, w_q, w_s = memo[key]
+        return quantize.fp8_linear_scaled_mm(x_q, x_s, w_q, w_s, b, x.dtype)
+    return {"fp8-scaled_mm": run}
 
 
-def kernel_sets() -> dict:
-    """name -> Ops of every kernel set that resolves here, or the reason it does not."""
+def kernel_sets(device=None) -> dict:
+    """name -> Ops of every kernel set that resolves here (auto: for `device`), or the reason it
+    does not."""
     out = {}
     for name in KERNEL_SETS:
         try:
-            out[name] = resolve(name)
+            out[name] = resolve(name, device=device)
         except MovaInputError as e:
             out[name] = str(e)
     return out
@@ -173,7 +164,7 @@ def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) ->
     attention("attention.video_text", s.L_v, s.L_t, v.num_heads, v.head_dim)
 
     # Norm + RoPE + attention as the blocks call them, per kernel set (FLOPs: the attention's).
-    sets = kernel_sets()
+    sets = kernel_sets(device)
     grid = s.video_grid
     fps = s.fps
 
@@ -203,6 +194,18 @@ def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) ->
     fused("fused.bridge_a2v", "cross_attention", s.L_v, s.L_a, d // hd, hd, bridge_ropes(True))
     fused("fused.bridge_v2a", "cross_attention", s.L_a, s.L_v, d_a // hd, hd, bridge_ropes(False))
 
+    # q, k, v as three GEMMs or one on the concatenated weights (mova_rt/fuse.py; auto's "qkv")
+    def qkv_separate(x, w, b):
+        return tuple(F.linear(x, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]) for i in range(3))
+
+    def qkv_fused(x, w, b):
+        return F.linear(x, w, b).view(x.shape[0], 3, d).unbind(1)
+    cases.append(OpCase(
+        name="linear.video_qkv", shape=f"[{s.L_v}, {d}] x [{d}, 3 x {d}] + bias bf16",
+        unit="TFLOP/s", work=2.0 * s.L_v * d * 3 * d,
+        make_inputs=lambda: (randn(s.L_v, d), randn(3 * d, d), randn(3 * d)),
+        backends={"separate": qkv_separate, "fused": qkv_fused}))
+
     for name, m, k, n in (("linear.video_qkvo", s.L_v, d, d), ("linear.video_ffn_up", s.L_v, d, f),
                           ("linear.video_ffn_down", s.L_v, f, d),
                           ("linear.audio_qkvo", s.L_a, d_a, d_a),
@@ -218,6 +221,21 @@ def op_cases(cfg: MovaConfig, s: Shapes, device: torch.device, seed: int = 0) ->
             backends={"torch": F.linear, **fp8_gemm_backends()}))
 
     grid, lv = s.video_grid, s.L_v
+
+    # q/k RMSNorm + RoPE as every attention's prologue, per backend of mova_rt.ops (auto's
+    # "norm_rope"): the input a strided view of a fused q|k|v projection, as the blocks give it
+    def norm_rope_inputs(rope, half):
+        def make():
+            qkv = randn(1, lv, 3 * d)
+            w = (1 + 0.1 * randn(d, dtype=torch.float32)).to(BF16)
+            return qkv[..., :d].view(1, lv, v.num_heads, v.head_dim), w, EPS, rope(), half
+        return make
+    for name, rope, half in (("norm_rope.video_self", lambda: video_rope()[0], False),
+                             ("norm_rope.bridge_a2v", lambda: bridge_ropes(True)()[0], True)):
+        cases.append(OpCase(
+            name=name, shape=f"[1, {lv}, {v.num_heads}, {v.head_dim}] of [1, {lv}, {3 * d}] bf16",
+            unit="GB/s", work=2.0 * 2 * lv * d, make_inputs=norm_rope_inputs(rope, half),
+            backends=dict(_REGISTRY["norm_rope"])))
 
     def rope_inputs():
         cos, sin = rope_3d_tables(v.head_dim, grid, device)
@@ -259,9 +277,9 @@ def _scores_budget(device: torch.device) -> int:
     return 2 * GIB
 
 
-def _reps_for(seconds_per_call: float) -> int:
-    """About a second of timed calls per backend."""
-    return int(min(50, max(3, 1.0 / max(seconds_per_call, 1e-6))))
+def _reps_for(seconds_per_call: float, budget: float = 1.0) -> int:
+    """About `budget` seconds of timed calls per backend (at least 3, at most 50)."""
+    return int(min(50, max(3, budget / max(seconds_per_call, 1e-6))))
 
 
 def _max_diff(a, b) -> float:
@@ -271,7 +289,8 @@ def _max_diff(a, b) -> float:
 
 
 def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, full: bool,
-            log) -> list[dict]:
+            log, seconds: float = 1.0) -> list[dict]:
+    """seconds: about how long each backend of each op is timed (after a warm-up call)."""
     results = []
     for case in op_cases(cfg, s, device):
         inputs = case.make_inputs()
@@ -293,7 +312,7 @@ def run_ops(cfg: MovaConfig, s: Shapes, device: torch.device, ceilings: dict, fu
                     if full:
                         probe = time_op(lambda: fn(*inputs), device, warmup=0, reps=1)[0]
                         sec = time_op(lambda: fn(*inputs), device, warmup=1,
-                                      reps=_reps_for(probe))
+                                      reps=_reps_for(probe, seconds))
                     else:   # a smoke run (CPU, the Triton interpreter): one timed call
                         sec = time_op(lambda: fn(*inputs), device, warmup=0, reps=1)
             except torch.OutOfMemoryError as e:

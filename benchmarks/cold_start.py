@@ -76,9 +76,9 @@ def child(spec: dict) -> dict:
         precision=None if spec["mode"] == "engine" else spec["precision"],
         engine=spec.get("engine") if spec["mode"] == "engine" else None)
     if spec["mode"] == "inductor-jit":
-        from .configs import compile_layers
+        from mova_rt.regional import compile_layers
         for dit in (pipe.video_dit, pipe.video_dit_2):
-            compile_layers(dit, pipe.audio_dit, pipe.bridge, device)
+            compile_layers(dit, pipe.audio_dit, pipe.bridge, device, autotune=True)
     t_loaded = time.time()
     marks = []
     out = pipe("A dog barks at a passing train.", height=spec["height"], width=spec["width"],

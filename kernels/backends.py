@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import (attention_sdpa, compose_cross_attention, compose_self_attention,
+from ..ops import (_REGISTRY, attention_sdpa, compose_cross_attention, compose_self_attention,
                    gated_residual_eager, layernorm_affine_eager, norm_modulate_eager, register,
-                   residual_layernorm_affine_eager, rope_interleaved_f32)
+                   residual_layernorm_affine_eager)
+from ..rope import InterleavedRope
 from . import adaln
-from .attention import fused_attention
 from .attention_int8 import attention_int8, fused_attention_int8
+from .norm_rope import ROPE_INTERLEAVED, ROPE_NONE, ROPE_ROTATE_HALF, norm_rope
 
 BF16 = torch.bfloat16
 
@@ -30,14 +31,22 @@ def _bf16_or_exact(kind: str, fused, exact, name: str = "triton"):
     return backend
 
 
-_bf16_or_exact("self_attention",
-               lambda q, k, v, w_q, w_k, eps, rope: fused_attention(q, k, v, w_q, w_k, eps, rope,
-                                                                    rope),
-               compose_self_attention(rope_interleaved_f32, attention_sdpa))
-_bf16_or_exact("cross_attention",
-               lambda q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None: fused_attention(
-                   q, k, v, w_q, w_k, eps, q_rope, k_rope),
-               compose_cross_attention(attention_sdpa))
+def _norm_rope_triton(x, w, eps, rope, rotate_half=False):
+    """kernels/norm_rope.py with the tables the RoPE description holds: fp32 [L, D/2] for the
+    interleaved pairs (the `sdpa` set's values), the reference's activation-dtype tables for
+    rotate-half."""
+    if x.stride(3) != 1 or x.stride(2) != x.shape[3]:
+        x = x.contiguous()
+    if rope is None:
+        return norm_rope(x, w, eps, ROPE_NONE)
+    if rotate_half:
+        return norm_rope(x, w, eps, ROPE_ROTATE_HALF, *rope.tables())
+    cos, sin = rope.tables_f32() if isinstance(rope, InterleavedRope) else (
+        t.float() for t in rope.tables())
+    return norm_rope(x, w, eps, ROPE_INTERLEAVED, cos, sin)
+
+
+_bf16_or_exact("norm_rope", _norm_rope_triton, _REGISTRY["norm_rope"]["float32"])
 _bf16_or_exact("norm_modulate", adaln.layernorm_modulate, norm_modulate_eager)
 _bf16_or_exact("gated_residual", adaln.gated_residual, gated_residual_eager)
 _bf16_or_exact("layernorm_affine", adaln.layernorm_affine, layernorm_affine_eager)
@@ -50,8 +59,10 @@ _bf16_or_exact("attention", attention_int8, attention_sdpa, name="int8")
 _bf16_or_exact("self_attention",
                lambda q, k, v, w_q, w_k, eps, rope: fused_attention_int8(q, k, v, w_q, w_k, eps,
                                                                          rope, rope),
-               compose_self_attention(rope_interleaved_f32, attention_sdpa), name="int8")
+               compose_self_attention(_REGISTRY["norm_rope"]["float32"], attention_sdpa),
+               name="int8")
 _bf16_or_exact("cross_attention",
                lambda q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None: fused_attention_int8(
                    q, k, v, w_q, w_k, eps, q_rope, k_rope),
-               compose_cross_attention(attention_sdpa), name="int8")
+               compose_cross_attention(_REGISTRY["norm_rope"]["float32"], attention_sdpa),
+               name="int8")

@@ -98,9 +98,13 @@ def _generate_parser(sub):
                    help="--precision fp8: weights written by `mova-rt quantize` (default: "
                         "quantize on load)")
     p.add_argument("--kernels", default=None,
-                   help="kernel set: reference (exact; the default, or the engine's), sdpa, "
-                        "triton (fused kernels), flash-attn, triton-int8attn (8-bit attention, "
-                        "approximate)")
+                   help="kernel set: auto (the default, or the engine's: per op the fastest "
+                        "measured on this GPU that keeps the reference's bf16 fidelity), "
+                        "reference (exact), sdpa, triton (mova-rt's kernels), flash-attn, "
+                        "triton-int8attn (8-bit attention, approximate)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every block and bridge layer (regional; compiled at the "
+                        "first steps)")
     p.add_argument("--engine", default=None, metavar="DIR",
                    help="run the towers' compiled units from an engine written by `mova-rt "
                         "build` (checked against this request, checkpoint and machine)")
@@ -169,10 +173,9 @@ def _build_parser(sub):
     b.add_argument("--backend", choices=BACKENDS, default="inductor",
                    help="inductor (torch.export + AOTInductor; default) or tensorrt (ONNX -> "
                         "TensorRT engines; needs the tensorrt package and a GPU)")
-    b.add_argument("--kernels", choices=KERNELS, default=None,
-                   help="the ops traced into the engine: reference (exact RoPE in float64; the "
-                        "default with inductor) or sdpa (RoPE in float32; the default, and the "
-                        "only choice, with tensorrt)")
+    b.add_argument("--kernels", choices=("auto",) + KERNELS, default=None,
+                   help="the ops traced into the engine: auto (the default: sdpa), reference "
+                        "(exact RoPE in float64; not with tensorrt) or sdpa (RoPE in float32)")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present): "
                                                    "build on the kind of machine that will run it")
     b.add_argument("--no-autotune", dest="autotune", action="store_false",
@@ -203,7 +206,8 @@ def cmd_build(args) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     ckpt = embedded_tiny_checkpoint() if tiny else args.ckpt_path
-    kernels = args.kernels or ("sdpa" if args.backend == "tensorrt" else "reference")
+    from .regional import kernels_for
+    kernels = kernels_for(args.kernels)           # auto (the default): sdpa, traced and fused
     req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
                        args.backend, kernels, args.device, args.autotune, args.opt_batch,
                        preset=args.preset, fp8_weights=args.fp8_weights)
@@ -338,7 +342,8 @@ def _generate(args, where) -> int:
             ckpt, device=device, dtype=args.dtype, kernels=args.kernels, lora_path=args.lora_path,
             lora_alpha=args.lora_alpha, lora_scale=args.lora_scale, offload=offload,
             offload_depth=args.offload_depth, stream_from_disk=args.stream_from_disk, mesh=mesh,
-            precision=args.precision, fp8_weights=args.fp8_weights, engine=engine)
+            precision=args.precision, fp8_weights=args.fp8_weights, engine=engine,
+            compile=args.compile)
         out = pipe(args.prompt, image, height=args.height, width=args.width,
                    negative_prompt=args.negative_prompt,
                    num_frames=args.num_frames, fps=args.fps, seed=args.seed,
@@ -440,6 +445,9 @@ def _summary(pipe, out, args, total):
                                         if args.cache != "off" else "") + f") | decode {t['decode']:.2f}s | mux {t['mux']:.2f}s | total "
           f"{total:.2f}s", file=sys.stderr)
     print(f"memory: peak VRAM {vram} | peak host RSS {rss_gb:.2f} GiB", file=sys.stderr)
+    if pipe.ops is not None:
+        print(f"kernels {pipe.ops.name}" + (" (compiled)" if args.compile else "") + ": " +
+              ", ".join(f"{k} {v}" for k, v in pipe.ops.choices.items()), file=sys.stderr)
     if pipe.engine is not None:
         e = pipe.engine
         print(f"engine {e.path}: {e.backend}, {e.precision}, units "

@@ -64,7 +64,8 @@ MANIFEST = "manifest.json"
 BACKENDS = ("inductor", "tensorrt")
 PRECISIONS = ("bf16", "fp8")
 # Kernel sets whose ops torch.export can trace (the others launch Triton or flash-attn kernels
-# directly); inside an engine Inductor generates the fused kernels itself.
+# directly); inside an engine Inductor generates the fused kernels itself. `auto` (the default of
+# build) compiles `sdpa`: RoPE in float32, the rest fused by Inductor (mova_rt/regional.py).
 KERNELS = ("reference", "sdpa")
 MAX_BATCH = 3
 BLOCK_INPUTS = ("x", "text_k", "text_v", "t_mod", "rope_cos", "rope_sin")
@@ -509,7 +510,7 @@ def build_command(ckpt: str | None, request: dict, out: str = "build/engines/NAM
                   preset: str | None = None) -> str:
     source = f"--ckpt_path {ckpt}" if ckpt else f"--preset {preset}"
     weights = f" --fp8_weights {request['fp8_weights']}" if request.get("fp8_weights") else ""
-    default = "sdpa" if request["backend"] == "tensorrt" else "reference"
+    default = "sdpa"                       # what the command's default, auto, compiles
     kernels = request.get("kernels") or default
     kernels = f" --kernels {kernels}" if kernels != default else ""
     return (f"mova-rt build {source} --height {request['height']} --width "
@@ -809,7 +810,7 @@ class Engine:
             raise MovaInputError(f"engine {self.path} is {self.precision}, --precision {precision} "
                                  f"was asked: drop --precision, or build a {precision} engine "
                                  f"with `{self.fix(ckpt, precision=precision)}`")
-        if kernels is not None and kernels != self.kernels:
+        if kernels not in (None, "auto") and kernels != self.kernels:   # auto: the engine's
             raise MovaInputError(f"engine {self.path} was built with --kernels {self.kernels}, "
                                  f"--kernels {kernels} was asked: drop --kernels (an engine "
                                  "brings its own compiled kernels)")

@@ -8,9 +8,12 @@ Op kinds and their contracts (activations [B, L, ...] in the model dtype):
   1/sqrt(D); out [B, Lq, H, D].
 - rope_interleaved(x, cos, sin) -> x': x [B, L, H, D], cos/sin [L, D/2] float64; rotates the pairs
   (2i, 2i+1), rounds once to x.dtype.
+- norm_rope(x, w, eps, rope, rotate_half) -> x': RMSNorm of x [B, L, H, D] over all heads (weight
+  w [H*D]), rounded, then RoPE with the tables of `rope` (its `tables()`; None: no RoPE), rounded:
+  interleaved pairs for the self-attention, rotate-half (rotate_half=True) for the bridge. The
+  prologue of every attention, for q and for k.
 - self_attention(q, k, v, w_q, w_k, eps, rope: InterleavedRope) -> out: q/k the raw projections
-  (views of [B, L, H*D]); RMSNorm of q and k over all heads (weights w_q, w_k), interleaved RoPE,
-  attention. The DiTs' self-attention.
+  (views of [B, L, H*D]); norm_rope of each, attention. The DiTs' self-attention.
 - cross_attention(q, k, v, w_q, w_k, eps, q_rope, k_rope) -> out: the same with rotate-half RoPE
   (RotateHalfRope or None for each side): the bridge, and the text cross-attention (no RoPE).
 - norm_modulate(x, shift, scale, eps): LayerNorm without affine, then x * (1 + scale) + shift in
@@ -24,10 +27,14 @@ Op kinds and their contracts (activations [B, L, ...] in the model dtype):
 
 Kernel sets:
 - `reference`: the reference implementation's semantics, op by op in PyTorch: RoPE in float64 (as
-  `rope_apply`), attention through PyTorch SDPA (the reference's own fallback).
-- `sdpa`: the same with RoPE in float32 (differs from `reference` by at most one bf16 ulp on rare
-  elements).
-- `triton`: the fused Triton kernels of mova_rt.kernels (bf16; fp32 runs take the exact path).
+  `rope_apply`), attention through PyTorch SDPA (the reference's own fallback). Bit-exact.
+- `auto` (the default of generate, bench and build): per op kind, the fastest backend that keeps
+  the reference's bf16 fidelity, chosen when the model is built from the GPU measurements
+  committed for this kind of GPU (mova_rt/autoselect.py); an op no measurement covers, and every
+  op on a CPU, keeps its reference backend.
+- `sdpa`: the reference with RoPE in float32 (differs by at most one bf16 ulp on rare elements).
+- `triton`: mova-rt's Triton kernels (bf16; fp32 runs take the exact path): q/k norm + RoPE in one
+  pass, the adaLN / residual row kernels.
 - `flash-attn`: the flash-attn package's attention (optional import) with float32 RoPE.
 - `triton-int8attn`: the Triton norm kernels and 8-bit attention (kernels/attention_int8.py: q
   and k in int8 per block, k smoothed, p and v bf16) with q/k RMSNorm and RoPE fused into the
@@ -36,17 +43,18 @@ Kernel sets:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import MovaInputError
 from .rope import apply_rope_rotate_half
 
-KINDS = ("attention", "rope_interleaved", "self_attention", "cross_attention", "norm_modulate",
-         "gated_residual", "layernorm_affine", "residual_layernorm_affine", "gemm")
+KINDS = ("attention", "rope_interleaved", "norm_rope", "self_attention", "cross_attention",
+         "norm_modulate", "gated_residual", "layernorm_affine", "residual_layernorm_affine", "gemm")
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 
 
@@ -65,6 +73,22 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     # SDPA wants [B, H, L, D]; transposes are views.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+# cuDNN's sm90 flash kernel first (the fastest measured at MOVA's shapes, 566 TFLOP/s on an
+# H200), then FlashAttention-2; never the memory-efficient or math kernels (3x and 20x slower),
+# which SDPA would otherwise take silently when the first ones refuse an input: here it raises.
+SDPA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+
+
+@register("attention", "sdpa-priority")
+def attention_sdpa_priority(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA restricted to SDPA_PRIORITY, in that order, for 16-bit activations on a GPU; other
+    dtypes and devices (fp32 runs, the CPU) take SDPA's own choice, as `sdpa`."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return attention_sdpa(q, k, v)
+    with sdpa_kernel(list(SDPA_PRIORITY), set_priority=True):
+        return attention_sdpa(q, k, v)
 
 
 def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -94,24 +118,34 @@ def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return F.rms_norm(x.reshape(b, l, h * d), (h * d,), weight, eps).view(b, l, h, d)
 
 
-def compose_self_attention(rope_fn: Callable, attention_fn: Callable) -> Callable:
+def norm_rope_eager(rope_fn: Callable) -> Callable:
+    """q/k RMSNorm over all heads, then RoPE from `rope.tables()` (interleaved pairs through
+    `rope_fn`; rotate-half in fp32 with the activation-dtype tables; None: no RoPE), each rounded
+    to the activation dtype as the reference does."""
+    def norm_rope(x, w, eps, rope, rotate_half=False):
+        x = rms_norm_heads(x, w, eps)
+        if rope is None:
+            return x
+        if rotate_half:
+            return apply_rope_rotate_half(x, *rope.tables())
+        return rope_fn(x, *rope.tables())
+    return norm_rope
+
+
+register("norm_rope", "float64")(norm_rope_eager(rope_interleaved_f64))
+register("norm_rope", "float32")(norm_rope_eager(rope_interleaved_f32))
+
+
+def compose_self_attention(norm_rope: Callable, attention_fn: Callable) -> Callable:
     def self_attention(q, k, v, w_q, w_k, eps, rope):
-        cos, sin = rope.tables()
-        q = rope_fn(rms_norm_heads(q, w_q, eps), cos, sin)
-        k = rope_fn(rms_norm_heads(k, w_k, eps), cos, sin)
-        return attention_fn(q, k, v)
+        return attention_fn(norm_rope(q, w_q, eps, rope), norm_rope(k, w_k, eps, rope), v)
     return self_attention
 
 
-def compose_cross_attention(attention_fn: Callable) -> Callable:
+def compose_cross_attention(norm_rope: Callable, attention_fn: Callable) -> Callable:
     def cross_attention(q, k, v, w_q, w_k, eps, q_rope=None, k_rope=None):
-        q = rms_norm_heads(q, w_q, eps)
-        k = rms_norm_heads(k, w_k, eps)
-        if q_rope is not None:
-            q = apply_rope_rotate_half(q, *q_rope.tables())
-        if k_rope is not None:
-            k = apply_rope_rotate_half(k, *k_rope.tables())
-        return attention_fn(q, k, v)
+        return attention_fn(norm_rope(q, w_q, eps, q_rope, True),
+                            norm_rope(k, w_k, eps, k_rope, True), v)
     return cross_attention
 
 
@@ -164,15 +198,24 @@ def _load_flash_attn():
     register("attention", "flash-attn")(lambda q, k, v: flash_attn_func(q, k, v))
 
 
+_NORMS = ("norm_modulate", "gated_residual", "layernorm_affine", "residual_layernorm_affine")
+_EAGER = {"attention": "sdpa", "rope_interleaved": "float64", "norm_rope": "float64",
+          **{kind: "eager" for kind in _NORMS}}
+
+# A kernel set: the backend of each op kind (kinds not named: the reference's), the fused
+# attention of `fused` (norm + RoPE + attention in one kernel) when it has one, and the loader
+# of its optional package. `auto` is resolved per device (mova_rt/autoselect.py).
 KERNEL_SETS = {
-    "reference": {"attention": "sdpa", "rope_interleaved": "float64", "norm": "eager"},
-    "sdpa": {"attention": "sdpa", "rope_interleaved": "float32", "norm": "eager"},
-    "triton": {"attention": "sdpa", "rope_interleaved": "float32", "norm": "triton",
-               "fused": "triton", "loader": _load_triton},
-    "flash-attn": {"attention": "flash-attn", "rope_interleaved": "float32", "norm": "eager",
-                   "loader": _load_flash_attn},
-    "triton-int8attn": {"attention": "int8", "rope_interleaved": "float32", "norm": "triton",
-                        "fused": "int8", "loader": _load_triton},
+    "reference": {},
+    "sdpa": {"rope_interleaved": "float32", "norm_rope": "float32"},
+    "triton": {"rope_interleaved": "float32", "norm_rope": "triton",
+               **{kind: "triton" for kind in _NORMS}, "loader": _load_triton},
+    "flash-attn": {"attention": "flash-attn", "rope_interleaved": "float32",
+                   "norm_rope": "float32", "loader": _load_flash_attn},
+    "triton-int8attn": {"attention": "int8", "rope_interleaved": "float32", "norm_rope": "triton",
+                        **{kind: "triton" for kind in _NORMS}, "fused": "int8",
+                        "loader": _load_triton},
+    "auto": None,
 }
 
 
@@ -181,6 +224,7 @@ class Ops:
     name: str
     attention: Callable
     rope_interleaved: Callable
+    norm_rope: Callable
     self_attention: Callable
     cross_attention: Callable
     norm_modulate: Callable
@@ -188,32 +232,45 @@ class Ops:
     layernorm_affine: Callable
     residual_layernorm_affine: Callable
     gemm: Callable
+    choices: dict = field(default_factory=dict)    # op kind -> backend name (reports, tests)
 
 
-def resolve(kernels: str = "reference", wrap_attention: Callable | None = None) -> Ops:
-    """The Ops of a kernel set. wrap_attention(fn) -> fn, when given, wraps the plain attention
-    backend before the composed kinds are built on it (the meta-device plan uses it)."""
+def resolve(kernels: str = "reference", wrap_attention: Callable | None = None,
+            device=None) -> Ops:
+    """The Ops of a kernel set, for a model that runs on `device` (None: the CPU); `auto` picks
+    per op kind from the measurements committed for this GPU (mova_rt/autoselect.py).
+    wrap_attention(fn) -> fn, when given, wraps the plain attention backend before the composed
+    kinds are built on it (the meta-device plan uses it)."""
     if kernels not in KERNEL_SETS:
         raise MovaInputError(f"unknown --kernels '{kernels}': choose one of "
                              f"{', '.join(KERNEL_SETS)}")
-    chosen = KERNEL_SETS[kernels]
+    if kernels == "auto":
+        from .autoselect import choose
+        chosen = choose(device)
+    else:
+        chosen = dict(KERNEL_SETS[kernels])
     if "loader" in chosen:
-        chosen["loader"]()
-    attention = _REGISTRY["attention"][chosen["attention"]]
+        chosen.pop("loader")()
+    elif any(v == "triton" for v in chosen.values()):
+        _load_triton()
+    fused = chosen.pop("fused", None)
+    picks = {**_EAGER, **chosen}
+    # kinds outside the registry (auto's "qkv": a model transform, mova_rt/fuse.py) are choices
+    fn = {kind: _REGISTRY[kind][name] for kind, name in picks.items() if kind in _REGISTRY}
+    attention = fn["attention"]
     if wrap_attention is not None:
         attention = wrap_attention(attention)
-    rope = _REGISTRY["rope_interleaved"][chosen["rope_interleaved"]]
-    norm = chosen["norm"]
-    if "fused" in chosen:
-        self_attention = _REGISTRY["self_attention"][chosen["fused"]]
-        cross_attention = _REGISTRY["cross_attention"][chosen["fused"]]
+    if fused is not None:
+        self_attention = _REGISTRY["self_attention"][fused]
+        cross_attention = _REGISTRY["cross_attention"][fused]
     else:
-        self_attention = compose_self_attention(rope, attention)
-        cross_attention = compose_cross_attention(attention)
-    return Ops(name=kernels, attention=attention, rope_interleaved=rope,
-               self_attention=self_attention, cross_attention=cross_attention,
-               norm_modulate=_REGISTRY["norm_modulate"][norm],
-               gated_residual=_REGISTRY["gated_residual"][norm],
-               layernorm_affine=_REGISTRY["layernorm_affine"][norm],
-               residual_layernorm_affine=_REGISTRY["residual_layernorm_affine"][norm],
-               gemm=_REGISTRY["gemm"]["torch"])
+        self_attention = compose_self_attention(fn["norm_rope"], attention)
+        cross_attention = compose_cross_attention(fn["norm_rope"], attention)
+    if fused is not None:
+        picks["attention"] = f"{fused} (norm + RoPE fused)"
+    return Ops(name=kernels, attention=attention, rope_interleaved=fn["rope_interleaved"],
+               norm_rope=fn["norm_rope"], self_attention=self_attention,
+               cross_attention=cross_attention, norm_modulate=fn["norm_modulate"],
+               gated_residual=fn["gated_residual"], layernorm_affine=fn["layernorm_affine"],
+               residual_layernorm_affine=fn["residual_layernorm_affine"],
+               gemm=_REGISTRY["gemm"]["torch"], choices=picks)

@@ -50,7 +50,7 @@ class InterleavedRope:
         self.pairs = tuple(d // 2 for d in self.pair_dims)
         self.head_dim = sum(self.pair_dims)
         self.device = torch.device(device)
-        self._tables = self._axis = None
+        self._tables = self._axis = self._f32 = None
 
     @classmethod
     def video(cls, head_dim: int, grid: tuple, device) -> "InterleavedRope":
@@ -81,6 +81,14 @@ class InterleavedRope:
             full = full.reshape(a0 * a1 * a2, -1)
             self._tables = (torch.cos(full), torch.sin(full))
         return self._tables
+
+    def tables_f32(self) -> tuple:
+        """tables() rounded once to fp32, contiguous (the fused norm + RoPE kernel's input; the
+        values the `sdpa` kernel set rotates with)."""
+        if self._f32 is None:
+            cos, sin = self.tables()
+            self._f32 = (cos.float().contiguous(), sin.float().contiguous())
+        return self._f32
 
     def axis_tables(self) -> tuple:
         """cos, sin fp32 [A0 + A1 + A2, head_dim/2]: row (offset of axis a) + c holds axis a's

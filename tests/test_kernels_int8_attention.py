@@ -119,7 +119,7 @@ def test_fused_prologue_matches_norm_rope_then_quantize(case):
     projection) against the same steps in PyTorch, q and k sides, every RoPE variant; then the
     whole fused attention against the plain 8-bit attention of the normalised, rotated q/k."""
     from mova_rt.kernels.attention import rope_arguments
-    from mova_rt.ops import compose_cross_attention, compose_self_attention, rope_interleaved_f32
+    from mova_rt.ops import _REGISTRY, compose_cross_attention, compose_self_attention
 
     qshape, kshape, ropes = _rope_cases()[case]
     q_rope, k_rope = ropes()
@@ -141,9 +141,11 @@ def test_fused_prologue_matches_norm_rope_then_quantize(case):
         assert torch.allclose(s, rs, rtol=1e-5, atol=0)
     fused = att8.fused_attention_int8(q, k, v, wq, wk, 1e-6, q_rope, k_rope)
     # the plain op on the same normalised, rotated q/k (the composed kernel sets' prologue)
-    plain = (compose_self_attention(rope_interleaved_f32, att8.attention_int8)(
+    norm_rope = _REGISTRY["norm_rope"]["float32"]
+    plain = (compose_self_attention(norm_rope, att8.attention_int8)(
         q, k, v, wq, wk, 1e-6, q_rope) if case.endswith("interleaved") else
-        compose_cross_attention(att8.attention_int8)(q, k, v, wq, wk, 1e-6, q_rope, k_rope))
+        compose_cross_attention(norm_rope, att8.attention_int8)(q, k, v, wq, wk, 1e-6, q_rope,
+                                                                 k_rope))
     assert fused.shape == q.shape[:3] + (v.shape[3],) and fused.dtype == BF16
     assert _rel(fused, plain) < 2e-3, _rel(fused, plain)
 
