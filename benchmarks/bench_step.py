@@ -116,9 +116,14 @@ class ConfigRun:
 
 def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: list,
               warmup: int, steps: int, shared: dict, inputs: dict, cfg_scale: float,
-              num_inference_steps: int, log, progress=None) -> list[ConfigRun]:
+              num_inference_steps: int, log, progress=None,
+              release: bool = False, forward_out=None) -> list[ConfigRun]:
     """progress(runs), when given, is called after every step (a child process rewrites its
-    results file with it)."""
+    results file with it). release: empty `shared` once every configuration is prepared, so
+    weights no runner uses (the bf16 originals of fp8 layers) are freed before the steps (a
+    configuration alone in its process). forward_out(name) -> a path: after its steps, each
+    configuration runs one forward on the initial inputs (the first timestep, the prompt pass)
+    and saves its velocities there (forward_error compares them)."""
     sched = FlowMatchScheduler(cfg.scheduler, num_inference_steps)
     # Stay on the high-noise expert's steps (indices before the switch), as the first steps of a
     # real run do.
@@ -137,6 +142,9 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
             r.fail("unavailable", str(e))
         sync(device)
         r.prepare_s = time.perf_counter() - t0
+    if release:
+        shared.clear()
+        free_device_memory(device)
 
     def one_step(r: ConfigRun, towers: bool = False) -> float:
         runner, st = r.runner, r.state
@@ -190,6 +198,8 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
     for r in runs:
         if r.alive and warmup == 0 and r.rc.tower_timing:   # tower breakdown: an extra step
             guarded(r, "tower-timing step", towers=True)
+        if r.alive and forward_out is not None:
+            save_forward(r.runner, inputs, forward_out(r.rc.name))
         if r.alive:
             finite = all(bool(torch.isfinite(x).all()) for x in r.state.values())
             if not finite:
@@ -197,6 +207,37 @@ def run_steps(cfg: MovaConfig, shapes: Shapes, device: torch.device, configs: li
         r.runner = r.state = None
     free_device_memory(device)
     return runs
+
+
+@torch.no_grad()
+def save_forward(runner, inputs: dict, path: str) -> None:
+    """One dual-tower forward of `runner` on the initial inputs (first timestep, prompt pass,
+    bridge on), its video and audio velocities saved in fp32 to `path` (safetensors)."""
+    from safetensors.torch import save_file
+    step = runner.step
+    t = torch.tensor(step.timesteps[:1], dtype=torch.float32, device=inputs["latents"].device)
+    model_in = torch.cat([inputs["latents"], inputs["condition"]], dim=1)
+    video, audio = step.forward(runner.video_dit, model_in, inputs["audio"], inputs["pos"], t,
+                                step.fps)
+    save_file({"video": video.float().cpu().contiguous(), "audio": audio.float().cpu().contiguous()},
+              path)
+
+
+def forward_errors(paths: dict) -> dict:
+    """{name: {"video": rel, "audio": rel}}: each saved forward's relative L2 distance to the
+    first one's (paths: name -> file, in order; names without a file are left out)."""
+    from safetensors.torch import load_file
+    import os
+    found = [(n, p) for n, p in paths.items() if p and os.path.exists(p)]
+    if not found:
+        return {}
+    base = load_file(found[0][1])
+    out = {}
+    for name, path in found:
+        got = load_file(path)
+        out[name] = {k: ((got[k] - base[k]).norm() / base[k].norm().clamp_min(1e-30)).item()
+                     for k in ("video", "audio")}
+    return out
 
 
 def summarise(runs: list[ConfigRun], flops_per_forward: float, ceilings: dict) -> list[dict]:

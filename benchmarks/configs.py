@@ -66,12 +66,33 @@ def share_weights(module_cls, module_cfg, ops, source: nn.Module) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def eager_runner(kernels: str, cfg_batch: bool = False, cache: bool = False):
+def fuse_shared(modules: dict, shared: dict) -> None:
+    """mova_rt/fuse.py on a runner's modules, whose weights are the shared modules' tensors: the
+    shared modules then take the fused views too, so the separate q/k/v tensors are freed (one
+    copy of the weights, as in the pipeline)."""
+    from mova_rt.fuse import fuse_projections
+    fuse_projections(*modules.values())
+    for name, module in modules.items():
+        params = dict(module.named_parameters())
+        source = shared[name]
+        for key, p in list(source.named_parameters()):
+            if params[key] is not p and params[key].data_ptr() != p.data_ptr():
+                parent, _, leaf = key.rpartition(".")
+                setattr(source.get_submodule(parent), leaf, params[key])
+
+
+def eager_runner(kernels: str, cfg_batch: bool = False, cache: bool = False,
+                 fuse: bool = True):
+    """fuse: apply auto's fused projections where it chose them (the pipeline's rule: not for
+    the fp8 and offload configurations)."""
     def prepare(shared, cfg, scheduler: FlowMatchScheduler, cfg_scale: float, fps: float):
-        ops = resolve(kernels)
+        ops = resolve(kernels, device=_compute_device())
         video = share_weights(VideoDiT, cfg.video_dit, ops, shared["video_dit"])
         audio = share_weights(AudioDiT, cfg.audio_dit, ops, shared["audio_dit"])
         bridge = share_weights(Bridge, cfg.bridge, ops, shared["dual_tower_bridge"])
+        if fuse and ops.choices.get("qkv") == "fused":     # auto, where measured faster
+            fuse_shared({"video_dit": video, "audio_dit": audio, "dual_tower_bridge": bridge},
+                        shared)
 
         def forward(dit, video_in, audio_in, text, t, video_fps, **kw):
             return dual_tower_forward(dit, audio, bridge, video_in, audio_in, text, t, video_fps,
@@ -85,6 +106,9 @@ def eager_runner(kernels: str, cfg_batch: bool = False, cache: bool = False):
 
 register("reference", "eager PyTorch, bf16, SDPA attention, float64 video RoPE (as the reference "
          "code), sequential CFG")(eager_runner("reference"))
+register("auto", "what generate runs by default: --kernels auto (per op the fastest measured on "
+         "this GPU within the reference's bf16 fidelity), guidance passes batched")(
+    eager_runner("auto", cfg_batch=True))
 register("sdpa", "as reference, with the video RoPE in float32")(eager_runner("sdpa"))
 register("cfg-batch", "as reference, with the two guidance passes as one batch")(
     eager_runner("reference", cfg_batch=True))
@@ -100,7 +124,8 @@ def offload_runner(depth: int):
         device = _compute_device()
         host = {name: m if next(m.parameters()).device.type == "cpu" else
                 _host_copy(name, m, cfg) for name, m in shared.items()}
-        runner = eager_runner("reference", cfg_batch=True)(host, cfg, scheduler, cfg_scale, fps)
+        runner = eager_runner("auto", cfg_batch=True, fuse=False)(host, cfg, scheduler,
+                                                                  cfg_scale, fps)
         towers = (runner.video_dit, runner.audio_dit, runner.bridge)
         runner.streamer = stream_modules(
             towers, tower_blocks(runner.video_dit, runner.audio_dit, bridge=runner.bridge),
@@ -123,36 +148,44 @@ def _compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-register("offload-group", "cfg-batch with --offload group: blocks streamed from pinned host "
-         "memory, one block prefetched ahead (the low-VRAM mode)", host_weights=True)(
+register("offload-group", "auto's kernels, guidance batched, with --offload group: blocks "
+         "streamed from pinned host memory, one block prefetched ahead (the low-VRAM mode); "
+         "compare with auto-separate", host_weights=True)(
     offload_runner(depth=1))
-register("triton", "eager modules, mova-rt's fused Triton kernels (norm + RoPE + attention, "
-         "adaLN), sequential CFG")(eager_runner("triton"))
+register("auto-separate", "auto without fused projections: the resident twin of offload-group "
+         "and of the fp8 configurations")(eager_runner("auto", cfg_batch=True, fuse=False))
+register("triton", "mova-rt's Triton kernels (q/k norm + RoPE in one pass, attention, adaLN and "
+         "residual rows), guidance batched")(eager_runner("triton", cfg_batch=True))
 register("flash-attn", "as sdpa, with the flash-attn package's attention (when installed)")(
     eager_runner("flash-attn"))
 
 
 def fp8_runner(kernels: str, gemm: str):
-    """The fp8 path (mova_rt/fp8/) over the shared weights: the towers' Linear layers
-    quantized once here (prepare time), the bf16 ones left shared."""
+    """The fp8 path (mova_rt/fp8/) over the shared weights, guidance batched: the towers' Linear
+    layers quantized here (prepare time; each config in its own process then drops the bf16
+    originals, run_steps `release`), with the activations quantized by their producers where the
+    kernel set's norms are the Triton ones."""
     def prepare(shared, cfg, scheduler, cfg_scale, fps):
         from mova_rt import fp8
-        runner = eager_runner(kernels)(shared, cfg, scheduler, cfg_scale, fps)
+        runner = eager_runner(kernels, cfg_batch=True, fuse=False)(shared, cfg, scheduler,
+                                                                   cfg_scale, fps)
+        producers = runner.video_dit.blocks[0].ops.choices["norm_modulate"] == "triton"
         fp8.apply({"video_dit": runner.video_dit, "audio_dit": runner.audio_dit,
-                        "dual_tower_bridge": runner.bridge}, gemm=gemm)
+                   "dual_tower_bridge": runner.bridge}, gemm=gemm, device=_compute_device(),
+                  producers=producers)
         return runner
     return prepare
 
 
-register("fp8", "triton kernels with fp8 weights (e4m3 per channel) and activations (per "
-         "token, written by the norm kernels), mova-rt's Triton fp8 GEMMs with fused epilogues "
-         "(bias; GELU -> fp8; gated residual) or cuBLASLt per the dispatch table")(
-    fp8_runner("triton", "auto"))
-register("fp8-int8attn", "as fp8, with 8-bit attention (int8 q/k per block, k smoothed, norm + "
-         "RoPE fused in the quantizing prologue): the full 8-bit path")(
+register("fp8", "what generate --precision fp8 runs by default: auto's kernels, e4m3 weights "
+         "(per channel) and activations (per token, quantized by the adaLN / norm3 kernels where "
+         "auto runs them) through torch._scaled_mm where the dispatch table measured it faster "
+         "than bf16, guidance batched")(fp8_runner("auto", "auto"))
+register("fp8-int8attn", "as fp8 with the triton kernels and 8-bit attention (int8 q/k per "
+         "block, k smoothed, norm + RoPE fused in the quantizing prologue)")(
     fp8_runner("triton-int8attn", "auto"))
-register("fp8-cublas", "as reference, with fp8 Linear layers through torch._scaled_mm "
-         "(cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
+register("fp8-cublas", "reference kernels with every quantizable Linear layer in e4m3 through "
+         "torch._scaled_mm (cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
 
 
 def parse_configs(text: str, extra: dict | None = None) -> list[RuntimeConfig]:
@@ -174,22 +207,24 @@ def parse_configs(text: str, extra: dict | None = None) -> list[RuntimeConfig]:
 # ---------------------------------------------------------------------------------------------
 # Compiled layers: Inductor just in time, and ahead-of-time engines (mova_rt/engine.py)
 # ---------------------------------------------------------------------------------------------
-def compile_layers(video, audio, bridge, device: torch.device) -> None:
-    """torch.compile on every block and bridge conditioner (regional: one graph per layer kind,
-    reused by every layer), with the settings `mova-rt build` gives AOTInductor, so this is the
-    JIT twin of an inductor engine: it pays tracing, compilation and autotuning at the first
-    step instead of at build time."""
-    from mova_rt.engine import inductor_options
-    options = inductor_options(device, autotune=True)
-    layers = [*video.blocks, *audio.blocks, *bridge.audio_to_video_conditioners.values(),
-              *bridge.video_to_audio_conditioners.values()]
-    for layer in layers:
-        layer.compile(dynamic=False, options=options)
+def _compiled(shared, cfg, scheduler, cfg_scale, fps):
+    from mova_rt.regional import compile_layers, kernels_for
+    runner = eager_runner(kernels_for("auto"), cfg_batch=True)(shared, cfg, scheduler, cfg_scale,
+                                                               fps)
+    compile_layers(runner.video_dit, runner.audio_dit, runner.bridge, _compute_device())
+    return runner
+
+
+register("compile", "generate --compile: every block and bridge layer under torch.compile "
+         "(regional, Inductor's default mode; compiled at the first steps), guidance batched",
+         tower_timing=False)(_compiled)
 
 
 def _inductor_jit(shared, cfg, scheduler, cfg_scale, fps):
+    from mova_rt.regional import compile_layers
     runner = eager_runner("reference", cfg_batch=True)(shared, cfg, scheduler, cfg_scale, fps)
-    compile_layers(runner.video_dit, runner.audio_dit, runner.bridge, _compute_device())
+    compile_layers(runner.video_dit, runner.audio_dit, runner.bridge, _compute_device(),
+                   autotune=True)
     return runner
 
 

@@ -35,7 +35,7 @@ from .models.text_encoder import (TextEncoder, build_umt5_encoder, load_tokenize
                                   tie_umt5_embeddings, umt5_expected_keys)
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae, decode_frames, encode_condition
-from . import fp8, parallel
+from . import fp8, fuse, parallel, regional
 from .ops import resolve
 from .cache import MODES as CACHE_MODES
 from .cache import StepCache
@@ -82,6 +82,7 @@ class MovaPipeline:
         self.precision = "bf16"    # of the DiT and bridge GEMMs (fp8: mova_rt/fp8/)
         self.fp8_weights = None    # fp8: {component: {layer: (w_q, w_scale, input_scale)}}
         self.engine = None         # an ahead-of-time engine (mova_rt/engine.py) run by the towers
+        self.ops = None            # the resolved kernel set (mova_rt/ops.py Ops; .choices per op)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -90,7 +91,8 @@ class MovaPipeline:
                         lora_alpha: float | None = None, lora_scale: float = 1.0,
                         offload: str = "none", offload_depth: int = 1,
                         stream_from_disk: bool = False, mesh=None, precision: str | None = None,
-                        fp8_weights: str | None = None, engine=None, towers_only: bool = False):
+                        fp8_weights: str | None = None, engine=None, towers_only: bool = False,
+                        compile: bool = False, fp8_gemm: str = "auto"):
         """offload: none (every weight on `device`), cpu (components take turns on the GPU) or
         group (blocks stream through GPU slots, prefetching offload_depth blocks ahead); see
         mova_rt/offload.py. With offload the weights are first loaded into host memory, except,
@@ -98,7 +100,11 @@ class MovaPipeline:
         at each use, so host RAM stays small. mesh: a mova_rt.parallel.Mesh (this rank's place
         in a torchrun launch) to run context- and CFG-parallel. precision fp8: the DiTs' and the
         bridge's Linear layers in fp8 (mova_rt/fp8/), from the folder fp8_weights written by
-        `mova-rt quantize`, or quantized here on load. kernels: a kernel set (default reference).
+        `mova-rt quantize`, or quantized here on load. kernels: a kernel set (default auto: per
+        op the fastest measured on this GPU that keeps the reference's fidelity, mova_rt/ops.py).
+        compile: torch.compile every block and bridge layer (mova_rt/regional.py). fp8_gemm: the
+        fp8 GEMM choice, "auto" (per layer from the measured dispatch table, some layers kept in
+        bf16) or "scaled_mm" (every quantizable layer in e4m3, as engines have them).
 
         engine: a folder written by `mova-rt build` (or an opened mova_rt.engine.Engine): the
         blocks and the bridge run its compiled units. It must match the checkpoint, this machine
@@ -122,7 +128,12 @@ class MovaPipeline:
             engine.check_model(path, precision, kernels, lora=bool(lora_path))
             precision, kernels = engine.precision, engine.kernels
             fp8_weights = engine.fp8_weights
-        kernels = kernels or "reference"
+        if compile:
+            if engine is not None or mesh is not None or offload != "none":
+                raise MovaInputError("--compile compiles resident eager blocks: drop --engine, "
+                                     "--offload and context/CFG parallelism, or --compile")
+            kernels = regional.kernels_for(kernels)
+        kernels = kernels or "auto"
         precision = precision or "bf16"
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -144,23 +155,45 @@ class MovaPipeline:
         if precision == "fp8" and stream_from_disk:
             raise MovaInputError("--stream_from_disk reads the checkpoint's bf16 blocks; with "
                                  "--precision fp8 use --offload group without it")
+        if fp8_weights and lora_path:
+            raise MovaInputError("--fp8_weights were quantized without the LoRA: drop "
+                                 "--fp8_weights (the LoRA is merged, then quantized on load)")
         if stream_from_disk and lora_path:
             raise MovaInputError("--stream_from_disk reads the weights as stored, so a LoRA cannot "
                                  "be merged into them: drop one of the two")
         cfg = load_config(path)
-        ops = resolve(kernels)
+        ops = resolve(kernels, device=compute_device)
         with torch.device("meta"):
             towers = {"video_dit": VideoDiT(cfg.video_dit, ops),
                       "video_dit_2": VideoDiT(cfg.video_dit_2, ops),
                       "audio_dit": AudioDiT(cfg.audio_dit, ops),
                       "dual_tower_bridge": Bridge(cfg.bridge, ops),
                       "audio_vae": DacVAE(cfg.audio_vae)}
-        modules = {}
+        # fp8 resident: the quantized layers reach the GPU one at a time, already in e4m3 (their
+        # bf16 weights are read into host memory, or not at all with --fp8_weights), so the bf16
+        # towers never sit on the GPU; without a LoRA to merge first, component by component.
+        fp8_direct = precision == "fp8" and offload == "none"
+        gemm = "scaled_mm" if engine is not None or towers_only else fp8_gemm
+        producers = (ops.choices.get("norm_modulate") == "triton" and engine is None
+                     and not towers_only)
+        weights = fp8.load(fp8_weights, path) if fp8_weights else None
+        modules, used = {}, {}
         for name, module in towers.items():
             fold = fold_weight_norm if (name == "audio_vae" and cfg.audio_vae.use_weight_norm) else None
             defer = (lambda k, n=name: is_block_key(n, k)) if stream_from_disk else None
-            modules[name] = load_state(module, path, name, dtype, device, transform=fold,
+            where = device
+            if fp8_direct and name in fp8.COMPONENTS:
+                if weights is not None:
+                    defer = fp8.deferred_weights(name, module, gemm, compute_device)
+                else:
+                    where = torch.device("cpu")
+            modules[name] = load_state(module, path, name, dtype, where, transform=fold,
                                        defer=defer)
+            if fp8_direct and name in fp8.COMPONENTS and not lora_path:
+                used.update(fp8.apply({name: modules[name]},
+                                      None if weights is None else {name: weights[name]},
+                                      gemm=gemm, device=compute_device, producers=producers))
+                modules[name].to(compute_device)
         # The reference runs the DAC in fp32 (autocast) on weights rounded to the pipeline dtype.
         modules["audio_vae"] = modules["audio_vae"].float()
         if towers_only:
@@ -179,18 +212,22 @@ class MovaPipeline:
             merge_lora({k: modules[k] for k in ("video_dit", "video_dit_2", "audio_dit",
                                                  "dual_tower_bridge")},
                        lora_path, alpha=lora_alpha, scale=lora_scale)
-        if precision == "fp8":
+        if precision == "fp8" and not used:
+            # cuBLASLt e4m3 or bf16 per layer, from the committed measurements
+            # (mova_rt/fp8/dispatch.py); every layer in e4m3 for an engine
             towers = {name: modules[name] for name in fp8.COMPONENTS}
-            weights = fp8.load(fp8_weights, path) if fp8_weights else None
-            # --kernels triton*: mova-rt's fp8 GEMMs with fused epilogues, or cuBLASLt where the
-            # committed dispatch table measured it faster (mova_rt/fp8/dispatch.py); otherwise
-            # cuBLASLt
-            gemm = "auto" if kernels.startswith("triton") else "scaled_mm"
-            used = fp8.apply(towers, weights, gemm=gemm)
+            used = fp8.apply(towers, weights, gemm=gemm, producers=producers,
+                             device=compute_device if fp8_direct else None)
+            if fp8_direct:
+                for m in towers.values():
+                    m.to(compute_device)
         pipe = cls(cfg, modules, compute_device, dtype)
         pipe.precision = precision
         if precision == "fp8":
             pipe.fp8_weights = used
+        pipe.ops = ops
+        if ops.choices.get("qkv") == "fused" and fuse.applicable(offload, engine, precision):
+            fuse.fuse_projections(pipe.video_dit, pipe.video_dit_2, pipe.audio_dit, pipe.bridge)
         if engine is not None:      # before offload, which may empty the streamed parameters
             engine.install(pipe)
             pipe.engine = engine
@@ -202,6 +239,9 @@ class MovaPipeline:
         if mesh is not None:
             parallel.apply(pipe, mesh)
             pipe.mesh = mesh
+        if compile:
+            regional.compile_layers(pipe.video_dit, pipe.audio_dit, pipe.bridge, compute_device,
+                                    video_2=pipe.video_dit_2)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 

@@ -185,7 +185,9 @@ def test_engine_matches_eager_path(engines, tiny_ckpt, precision):
     1.5x the distance from the eager result to the same run one precision up (fp32 for bf16,
     bf16 for fp8): the random tiny model amplifies every rounding step by step (bf16 vs fp32:
     2.0% after 4 steps; the engine: 2.3%)."""
-    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision=precision)
+    # fp8 engines hold every quantizable layer in e4m3: the eager twin too
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision=precision,
+                                         fp8_gemm="scaled_mm")
     pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=engines[precision])
     assert pipe.precision == precision and pipe.engine is not None
     assert type(pipe.video_dit.blocks[0]).__name__ == "EngineDiTBlock"
@@ -595,7 +597,7 @@ def test_inductor_engine_on_calibrated_weights(calibrated, tiny_ckpt, tmp_path):
     assert m["request"]["fp8_weights"] == os.path.abspath(calibrated)
     assert "--fp8_weights" in E.open_engine(path).fix()
     eager = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
-                                         fp8_weights=calibrated)
+                                         fp8_weights=calibrated, fp8_gemm="scaled_mm")
     pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", engine=path)
     assert pipe.video_dit.blocks[0].self_attn.q.input_scale is not None
     (ev, ea), (gv, ga) = _forward(eager), _forward(pipe)
@@ -609,7 +611,8 @@ def test_tensorrt_fp8_engine_matches_eager(calibrated, tiny_ckpt, tmp_path):
     E.build(E.BuildRequest(tiny_ckpt, backend="tensorrt", kernels="sdpa", precision="fp8",
                            fp8_weights=calibrated, device="cuda", **SIZE), path)
     kw = dict(device="cuda", dtype="bf16", kernels="sdpa")
-    eager = MovaPipeline.from_pretrained(tiny_ckpt, precision="fp8", fp8_weights=calibrated, **kw)
+    eager = MovaPipeline.from_pretrained(tiny_ckpt, precision="fp8", fp8_weights=calibrated,
+                                         fp8_gemm="scaled_mm", **kw)
     pipe = MovaPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bf16", engine=path)
     a, b = eager(**RUN), pipe(**RUN)
     bf16 = MovaPipeline.from_pretrained(tiny_ckpt, **kw)(**RUN)

@@ -14,11 +14,13 @@ the pipeline.
 """
 
 from .calibrate import calibrate
-from .quantize import (COMPONENTS, FORMAT, FP8, FP8_MAX, GEMMS, SCHEME, Fp8FFN, Fp8Linear, apply,
-                       quantizable, quantize_activations, quantize_component, quantize_rows,
+from .quantize import (COMPONENTS, FORMAT, FP8, FP8_MAX, GEMMS, SCHEME, Fp8Linear, apply,
+                       deferred_weights, plan, quantizable, quantize_activations,
+                       quantize_component, quantize_rows,
                        quantize_static)
 from .weights import activations_of, load, save, source_digest
 
-__all__ = ["COMPONENTS", "FORMAT", "FP8", "FP8_MAX", "GEMMS", "SCHEME", "Fp8FFN", "Fp8Linear",
-           "activations_of", "apply", "calibrate", "load", "quantizable", "quantize_activations",
+__all__ = ["COMPONENTS", "FORMAT", "FP8", "FP8_MAX", "GEMMS", "SCHEME", "Fp8Linear",
+           "activations_of", "apply", "calibrate", "deferred_weights", "load", "plan",
+           "quantizable", "quantize_activations",
            "quantize_component", "quantize_rows", "quantize_static", "save", "source_digest"]

@@ -85,40 +85,22 @@ def fp8_linear_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 def fp8_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     """The same through torch._scaled_mm (cuBLASLt on sm_89+, also on the CPU) with row-wise
-    scales; the bias is added in fp32 before the one rounding, as in the reference."""
-    y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None].contiguous(),
-                         scale_b=w_scale[None, :].contiguous(), out_dtype=torch.float32)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    scales and the bias in its epilogue: the fp32 accumulator scaled, the bias added and rounded
+    once to out_dtype, as the reference does (bit-identical to it on the CPU)."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None].contiguous(),
+                            scale_b=w_scale[None, :].contiguous(),
+                            bias=None if bias is None else bias.to(out_dtype),
+                            out_dtype=out_dtype)
 
 
-def fp8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-    """mova-rt's Triton fp8 GEMM (kernels/fp8_gemm.py), bias epilogue. Fp8Linear binds the
-    kernel itself when built (Triton is imported only for this backend)."""
-    from ..kernels.fp8_gemm import fp8_gemm
-    return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
-
-
-def _bound_gemm(name: str):
-    """The GEMMS backend `name`, with the Triton kernel imported once here, not per call."""
-    if name != "triton":
-        return GEMMS[name]
-    from ..kernels.fp8_gemm import fp8_gemm
-
-    def triton_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-        return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)
-    return triton_gemm
-
-
-GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm,
-         "triton": fp8_linear_triton}
+GEMMS = {"reference": fp8_linear_ref, "scaled_mm": fp8_linear_scaled_mm}
 
 
 class Fp8Linear(nn.Module):
     """A Linear whose weight is e4m3 with per-output-channel scales; the input is quantized per
-    token on the fly. Holds the original bias (checkpoint dtype). The fp8 weight and its scales
-    are (frozen) parameters, so offload streams them like any weight."""
+    token on the fly (or arrives quantized by its producer: `forward_quantized`). Holds the
+    original bias (checkpoint dtype). The fp8 weight and its scales are (frozen) parameters, so
+    offload streams them like any weight."""
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  gemm: str = "scaled_mm", input_scale: torch.Tensor | None = None):
@@ -128,7 +110,7 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(w_scale.float(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gemm_name = gemm
-        self.gemm = _bound_gemm(gemm)
+        self.gemm = GEMMS[gemm]
         # a calibrated static per-tensor input scale (calibrate), or None: per token at run time
         self.input_scale = None if input_scale is None else nn.Parameter(
             input_scale.detach().float().reshape(()), requires_grad=False)
@@ -145,6 +127,15 @@ class Fp8Linear(nn.Module):
         lead = x.shape[:-1]
         x_q, x_scale = self.quantize_input(x.reshape(-1, self.in_features))   # [M, K], [M]
         y = self.gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return y.view(*lead, self.out_features)
+
+    def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor,
+                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The layer on an input its producer quantized per token: x_q e4m3 [..., K], x_scale
+        fp32 [...] (the adaLN / norm3 kernels' fp8 output, mova_rt/fp8/block.py)."""
+        lead = x_q.shape[:-1]
+        y = self.gemm(x_q.reshape(-1, self.in_features), x_scale.reshape(-1), self.weight,
+                      self.weight_scale, self.bias, out_dtype)
         return y.view(*lead, self.out_features)
 
     def onnx_qdq(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,39 +166,6 @@ class Fp8Linear(nn.Module):
                 f"{self.gemm_name}, {act}")
 
 
-class Fp8FFN(nn.Module):
-    """A DiT block's FFN (Linear, GELU(tanh), Linear) on the Triton fp8 GEMMs: the up GEMM's
-    epilogue adds the bias, applies GELU and writes e4m3 with a scale per (token, 128 columns),
-    which the down GEMM reads directly: the 13,824-wide hidden never exists in bf16 and is never
-    re-read to be quantized. Submodules keep the names 0 and 2 (the checkpoint's ffn.0 / ffn.2)."""
-
-    def __init__(self, up: Fp8Linear, down: Fp8Linear):
-        super().__init__()
-        from ..kernels import fp8_gemm        # Triton: imported when the fused path is built
-        self.add_module("0", up)
-        self.add_module("2", down)
-        self._gemm, self._gelu_fp8 = fp8_gemm.fp8_gemm, fp8_gemm.EPI_GELU_FP8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self._modules["0"], self._modules["2"]
-        lead = x.shape[:-1]
-        x_q, x_scale = up.quantize_input(x.reshape(-1, up.in_features))
-        h_q, h_scale = self._gemm(x_q, x_scale, up.weight, up.weight_scale, up.bias,
-                                  epilogue=self._gelu_fp8)                   # e4m3 [M, F]
-        y = self._gemm(h_q, h_scale, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
-        return y.view(*lead, down.out_features)
-
-
-def _fuse_ffns(module: nn.Module) -> None:
-    """Sequential(Fp8Linear, GELU(tanh), Fp8Linear) -> Fp8FFN, everywhere in `module`."""
-    for name, m in list(module.named_modules()):
-        if (isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[0], Fp8Linear)
-                and isinstance(m[1], nn.GELU) and m[1].approximate == "tanh"
-                and isinstance(m[2], Fp8Linear)
-                and m[0].gemm_name == m[2].gemm_name == "triton"):
-            _set(module, name, Fp8FFN(m[0], m[2]))
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Which layers, and the transform
 # ---------------------------------------------------------------------------------------------
@@ -231,16 +189,32 @@ def quantize_component(component: str, module: nn.Module) -> dict:
     return out
 
 
+def plan(component: str, module: nn.Module, gemm: str = "auto", device=None) -> dict:
+    """{layer: GEMM backend} of a component's quantizable layers: `gemm` for every layer, or, for
+    "auto", per layer from the dispatch table for the GPU of `device` (mova_rt/fp8/dispatch.py),
+    where "bf16" keeps the layer a bf16 Linear (the small audio-row GEMMs measured slower in
+    fp8)."""
+    gpu = dispatch.device_name(device) if device is not None else None
+    out = {}
+    for name in quantizable(component, module):
+        linear = module.get_submodule(name)
+        out[name] = gemm if gemm != "auto" else dispatch.pick(
+            linear.out_features, linear.in_features, dispatch.rows_of(component, name), gpu)
+    return out
+
+
 def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
-          input_scales: dict | None = None) -> dict:
+          input_scales: dict | None = None, device=None, producers: bool = False) -> dict:
     """Swaps the quantizable Linear layers of modules {component: module} for Fp8Linear, in place.
     weights: {component: {layer: (w_q, w_scale[, input_scale])}} from `load` or `with_scales`
     (input_scale: a calibrated static scale, or None); input_scales {component: {layer:
     scale}} from `calibrate` sets (or replaces) those; weights None quantizes the modules' own
-    weights (on load). gemm: a GEMMS backend, or "auto": per weight shape from the dispatch table
-    (mova_rt/dispatch.py). Where a block's GEMMs are all "triton", its FFN is fused (Fp8FFN)
-    and so are its activation quantization and residuals (mova_rt/fp8/block.py). Returns the
-    weights used (for `save`)."""
+    weights (on load). gemm: a GEMMS backend, or "auto": per layer from the dispatch table
+    (`plan`; layers it keeps in bf16 stay Linear). device: where the fp8 layers go, each
+    quantized there one at a time, so a model loaded in host memory never has its bf16 weights
+    on the GPU (None: where each layer is). producers: DiT blocks whose GEMMs are all fp8 take
+    their inputs quantized by the kernels that produce them (mova_rt/fp8/block.py; Triton).
+    Returns the fp8 weights used (for `save`)."""
     if gemm not in GEMMS and gemm != "auto":
         raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose auto, "
                              f"{', '.join(GEMMS)}")
@@ -249,30 +223,46 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
         if module is None:
             continue
         given = None if weights is None else weights[component]
-        layers = quantizable(component, module)
+        layers = plan(component, module, gemm, device)
         if given is not None and set(given) != set(layers):
             raise MovaInputError(f"the fp8 weights of {component} hold other layers than the model "
                                  "has: quantize this checkpoint again with mova-rt quantize")
         used[component] = {}
-        for name in layers:
+        for name, chosen in layers.items():
             linear = module.get_submodule(name)
-            w_q, w_scale, in_scale = (given[name] + (None,))[:3] if given is not None else (
-                *quantize_rows(linear.weight.detach()), None)
+            dev = torch.device(device) if device is not None else (
+                linear.bias.device if linear.weight.is_meta and linear.bias is not None
+                else linear.weight.device)
+            if chosen == "bf16":
+                if linear.weight.is_meta:
+                    raise MovaInputError(f"{component}/{name} runs in bf16 but its bf16 weight "
+                                         "was not loaded (mova-rt bug: see deferred_weights)")
+                continue
+            if given is not None:
+                w_q, w_scale, in_scale = (tuple(given[name]) + (None,))[:3]
+            else:
+                w_q, w_scale = quantize_rows(linear.weight.detach().to(dev))
+                in_scale = None
             if tuple(w_q.shape) != tuple(linear.weight.shape):
                 raise MovaInputError(
                     f"fp8 weight {component}/{name} is {tuple(w_q.shape)} but the model's is "
                     f"{tuple(linear.weight.shape)}: quantize this checkpoint again")
-            dev = linear.weight.device
             if input_scales is not None:
                 in_scale = input_scales[component][name]
-            bias = None if linear.bias is None else linear.bias.detach()
-            chosen = gemm if gemm != "auto" else dispatch.pick(
-                *w_q.shape, dispatch.device_name(dev))
+            bias = None if linear.bias is None else linear.bias.detach().to(dev)
             _set(module, name, Fp8Linear(w_q.to(dev), w_scale.to(dev), bias, chosen,
                                          None if in_scale is None else in_scale.to(dev)))
             used[component][name] = (w_q, w_scale, in_scale)
-        if gemm in ("triton", "auto"):
+            del linear                                   # its bf16 weight is freed here
+        if producers:
             from . import block
-            _fuse_ffns(module)
             block.fuse(module)
     return used
+
+
+def deferred_weights(component: str, module: nn.Module, gemm: str = "auto", device=None):
+    """A load_state `defer` predicate: the `.weight` keys of the layers `plan` quantizes, whose
+    bf16 values are not needed when fp8 weights are given (they are never read)."""
+    keys = {f"{name}.weight" for name, g in plan(component, module, gemm, device).items()
+            if g != "bf16"}
+    return keys.__contains__
