@@ -35,9 +35,11 @@ _FORWARDED = {"preset": "--preset", "ckpt_path": "--ckpt_path", "height": "--hei
               "seed": "--seed"}
 
 
-def child_command(args, name: str, out_json: str) -> list:
+def child_command(args, name: str, out_json: str, forward: str | None = None) -> list:
     cmd = [sys.executable, "-m", "mova_rt", "bench", "--configs", name, "--json", out_json,
            "--child-of", str(os.getpid())]
+    if forward:
+        cmd += ["--save-forward", forward]
     for dest, flag in _FORWARDED.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -80,16 +82,18 @@ def _read_row(path: str) -> tuple[dict | None, dict | None]:
     return rows[0], data.get("build")
 
 
-def run_isolated(args, configs: list, log) -> tuple[list[dict], dict]:
-    """Each configuration in its own process; returns (rows, builds by configuration)."""
+def run_isolated(args, configs: list, log, forwards: dict | None = None) -> tuple[list[dict],
+                                                                                 dict]:
+    """Each configuration in its own process; returns (rows, builds by configuration).
+    forwards: name -> where the child saves its forward (--forward-error), or None."""
     rows, builds = [], {}
     with tempfile.TemporaryDirectory(prefix="mova-bench-") as tmp:
         for rc in configs:
             out = os.path.join(tmp, f"{rc.name}.json")
             log(f"{rc.name}: own process" + (f", limit {args.config_timeout:g} s"
                                              if args.config_timeout else ""))
-            status, message, seconds = _run_child(child_command(args, rc.name, out),
-                                                  args.config_timeout)
+            cmd = child_command(args, rc.name, out, (forwards or {}).get(rc.name))
+            status, message, seconds = _run_child(cmd, args.config_timeout)
             row, build = _read_row(out)
             if row is None:
                 row = {"name": rc.name, "description": rc.description, "status": status,

@@ -48,7 +48,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num_frames", type=int, default=None)
     p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--configs", "--kernels", dest="configs", default="reference",
+    p.add_argument("--configs", "--kernels", dest="configs", default="auto",
                    help=f"comma-separated runtime configurations ({', '.join(CONFIGS)}); the "
                         "first is the baseline of the ratios")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per configuration")
@@ -58,6 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the schedule the timed steps are taken from")
     p.add_argument("--cfg_scale", type=float, default=5.0)
     p.add_argument("--ops", action="store_true", help="per-op microbenchmarks at the real shapes")
+    p.add_argument("--op-seconds", dest="op_seconds", type=float, default=1.0, metavar="S",
+                   help="--ops: about how long each backend of each op is timed (default 1)")
     p.add_argument("--time-stages", dest="time_stages", action="store_true",
                    help="also time text encoding and the VAEs (not part of a step)")
     p.add_argument("--vram-budget", dest="vram_budget", type=float, default=None, metavar="GB",
@@ -87,8 +89,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    metavar="S", help="seconds each configuration's process may run; past it "
                                      "it is killed and reported as a timeout with the steps it "
                                      "finished, and the others still run")
+    p.add_argument("--forward-error", dest="forward_error", action="store_true",
+                   help="also run one forward of every configuration on the same weights and "
+                        "inputs and report its relative error against the first configuration, "
+                        "per tower (e.g. --configs reference,fp8)")
     p.add_argument("--child-of", dest="child_of", type=int, default=None,
                    help=argparse.SUPPRESS)     # a configuration's own process (isolate.py)
+    p.add_argument("--save-forward", dest="save_forward", default=None,
+                   help=argparse.SUPPRESS)     # where a child saves its forward (isolate.py)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -230,20 +238,31 @@ def run(args) -> int:
 
     if args.ops:
         from .bench_ops import run_ops
-        data["ops"] = run_ops(cfg, shapes, device, data["ceilings"], full, log)
+        data["ops"] = run_ops(cfg, shapes, device, data["ceilings"], full, log, args.op_seconds)
         write_json(args.json, data)
 
     if args.steps > 0:
-        if args.same_process:
-            _step_phase(args, cfg, shapes, device, configs, data, log)
-        else:
-            from .isolate import finish_rows, run_isolated
-            free_device_memory(device)         # the children's peaks are theirs alone
-            rows, builds = run_isolated(args, configs, log)
-            data["configs"] = finish_rows(rows, data["work"]["flops_per_forward"],
-                                          data["ceilings"])
-            data["build"] = next((b for b in builds.values() if b), None) or {
-                "status": "failed", "message": "no configuration built its weights"}
+        import tempfile
+
+        from .bench_step import forward_errors
+        with tempfile.TemporaryDirectory(prefix="mova-forward-") as tmp:
+            paths = {rc.name: os.path.join(tmp, f"{rc.name}.safetensors") if args.forward_error
+                     else None for rc in configs}
+            if args.same_process:
+                _step_phase(args, cfg, shapes, device, configs, data, log,
+                            forward_out=paths.get if args.forward_error else None)
+            else:
+                from .isolate import finish_rows, run_isolated
+                free_device_memory(device)         # the children's peaks are theirs alone
+                rows, builds = run_isolated(args, configs, log, paths)
+                data["configs"] = finish_rows(rows, data["work"]["flops_per_forward"],
+                                              data["ceilings"])
+                data["build"] = next((b for b in builds.values() if b), None) or {
+                    "status": "failed", "message": "no configuration built its weights"}
+            errors = forward_errors(paths) if args.forward_error else {}
+        for row in data.get("configs", []):
+            if row["name"] in errors:
+                row["forward_error_vs_first"] = errors[row["name"]]
         write_json(args.json, data)
 
     if args.cold_start:
@@ -281,7 +300,8 @@ def _child(args, cfg, shapes, device, configs, log) -> int:
     def progress(rows):
         data["configs"] = rows
         write_json(args.json, data)
-    _step_phase(args, cfg, shapes, device, configs, data, log, progress)
+    _step_phase(args, cfg, shapes, device, configs, data, log, progress, release=True,
+                forward_out=(lambda name: args.save_forward) if args.save_forward else None)
     data["peak_rss_process_gib"] = _process_peak_rss() / GIB
     for row in data.get("configs", []):
         row["peak_rss_process_gib"] = data["peak_rss_process_gib"]
@@ -295,7 +315,8 @@ def free_device_memory(device):
     free(device)
 
 
-def _step_phase(args, cfg, shapes, device, configs, data, log, progress=None):
+def _step_phase(args, cfg, shapes, device, configs, data, log, progress=None, release=False,
+                forward_out=None):
     from .bench_step import (_oom_message, build_shared_weights, make_inputs, run_steps,
                              summarise)
     log(f"building weights ({'checkpoint ' + args.ckpt_path if args.ckpt_path else 'random bf16'}"
@@ -325,7 +346,8 @@ def _step_phase(args, cfg, shapes, device, configs, data, log, progress=None):
     flops = data["work"]["flops_per_forward"]
     runs = run_steps(cfg, shapes, device, configs, args.warmup, args.steps, shared, inputs,
                      args.cfg_scale, args.num_inference_steps, log,
-                     None if progress is None else lambda rs: progress(summarise(rs, flops, {})))
+                     None if progress is None else lambda rs: progress(summarise(rs, flops, {})),
+                     release=release, forward_out=forward_out)
     data["configs"] = summarise(runs, data["work"]["flops_per_forward"], data["ceilings"])
     del shared, inputs
     free_device_memory(device)

@@ -153,7 +153,7 @@ def test_render_redraws_a_results_file(tmp_path, capsys):
     os.remove(js.with_suffix(".png"))
     capsys.readouterr()
     assert main(["bench", "--render", str(js)]) == 0
-    assert "reference" in capsys.readouterr().out
+    assert "auto" in capsys.readouterr().out          # the default configuration
     assert js.with_suffix(".png").exists()
 
 
@@ -218,9 +218,9 @@ def test_weight_build_out_of_memory_is_reported(monkeypatch, tmp_path, capsys):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
     monkeypatch.setattr(bench_step, "build_shared_weights", boom)
-    js = tmp_path / "o.json"
+    js = tmp_path / "o.json"       # in this process, where the monkeypatch reaches
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--json", str(js),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--same-process"]) == 0
     data = json.loads(js.read_text())
     assert data["build"]["status"] == "oom" and "estimate for one forward" in data["build"]["message"]
     assert data["configs"][0]["status"] == "oom"
@@ -330,11 +330,27 @@ def test_each_configuration_has_its_own_time_limit_and_a_crash_is_a_result(tmp_p
     assert row["status"] == "timeout" and "0.5 s" in row["message"]
 
     real = isolate.child_command
-    monkeypatch.setattr(isolate, "child_command", lambda args, name, out: (
+    monkeypatch.setattr(isolate, "child_command", lambda args, name, out, forward=None: (
         [sys.executable, "-c", "import os; os.abort()"] if name == "sdpa" else
-        real(args, name, out)))
+        real(args, name, out, forward)))
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs", "sdpa,reference",
                  "--steps", "1", "--warmup", "0", "--json", str(js), "--no-progress"]) == 0
     crashed, ok = json.loads(js.read_text())["configs"]
     assert crashed["status"] == "crashed" and "signal 6" in crashed["message"]
     assert ok["status"] == "ok" and ok["ratio_to_first"] is None     # no first time to compare
+
+
+@pytest.mark.parametrize("mode", [[], ["--same-process"]])
+def test_forward_error_against_the_first_configuration(tmp_path, mode):
+    """--forward-error: one forward of each configuration on the same weights and inputs (in its
+    own process: the same seed gives the same weights), its error against the first's per
+    tower: 0 for the first, 0 for sdpa on the CPU tiny model (float32 RoPE agrees here), and
+    an fp8 configuration's within its tiny-model bound."""
+    js = tmp_path / "e.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--configs",
+                 "reference,sdpa,fp8-cublas", "--steps", "1", "--warmup", "0",
+                 "--forward-error", "--json", str(js), "--no-progress", *mode]) == 0
+    rows = {r["name"]: r["forward_error_vs_first"] for r in json.loads(js.read_text())["configs"]}
+    assert rows["reference"] == {"video": 0.0, "audio": 0.0}
+    assert rows["sdpa"]["video"] < 1e-2 and rows["sdpa"]["audio"] < 1e-2
+    assert 0 < rows["fp8-cublas"]["video"] < 0.08 and 0 < rows["fp8-cublas"]["audio"] < 0.08
