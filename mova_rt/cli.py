@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
+    from .models.tiny_tokenizer import TOKENIZER_STYLES
+    m.add_argument("--tokenizer", default="always", choices=TOKENIZER_STYLES,
+                   help="tokenizer.json variant: Metaspace prepend_scheme always/first/never, or "
+                        "the real umt5-xxl tokenizer's settings")
     qp = sub.add_parser("quantize", help="write the fp8 weights of a checkpoint (for "
                                          "generate --precision fp8 --fp8_weights)")
     qp.add_argument("--ckpt_path", required=True, help="MOVA checkpoint folder (official layout)")
@@ -482,7 +486,7 @@ def cmd_quantize(args) -> int:
 def cmd_make_checkpoint(args) -> int:
     from .checkpoint import make_checkpoint
 
-    make_checkpoint(args.preset, args.out, args.seed)
+    make_checkpoint(args.preset, args.out, args.seed, tokenizer=args.tokenizer)
     print(f"wrote {args.preset} checkpoint to {args.out}")
     return 0
 

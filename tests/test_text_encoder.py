@@ -1,5 +1,6 @@
 """Tests for mova_rt.models.text_encoder: prompt cleaning, tiny tokenizer, zero-padded UMT5 encoding."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,8 +18,8 @@ from mova_rt.models.text_encoder import (
     prompt_clean,
     tie_umt5_embeddings,
     umt5_expected_keys,
-    write_tiny_tokenizer,
 )
+from mova_rt.models.tiny_tokenizer import TOKENIZER_STYLES, write_tiny_tokenizer
 
 TINY_UMT5 = {
     "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "vocab_size": 512,
@@ -35,6 +36,17 @@ def tiny_tokenizer_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tokenizer"))
     write_tiny_tokenizer(folder, 512)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """style -> a folder written by write_tiny_tokenizer(..., 512, style)."""
+    out = {}
+    for style in TOKENIZER_STYLES:
+        folder = str(tmp_path_factory.mktemp(f"tokenizer-{style}"))
+        write_tiny_tokenizer(folder, 512, style)
+        out[style] = folder
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +76,36 @@ def test_prompt_clean(raw, clean):
     assert prompt_clean(raw) == clean
 
 
-def test_tiny_tokenizer_files_and_determinism(tmp_path, tiny_tokenizer_dir):
-    write_tiny_tokenizer(str(tmp_path), 512)
-    for name in FILES:
-        assert (tmp_path / name).read_bytes() == open(os.path.join(tiny_tokenizer_dir, name), "rb").read()
+@pytest.mark.parametrize("style", TOKENIZER_STYLES)
+def test_tiny_tokenizer_files_and_determinism(tmp_path, tokenizer_dirs, style):
+    write_tiny_tokenizer(str(tmp_path), 512, style)
+    written = sorted(os.listdir(tmp_path))
+    assert written == sorted(FILES if style in ("always", "umt5-xxl") else FILES[:3])
+    for name in written:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(tokenizer_dirs[style], name), "rb").read()
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size() == 512
     with pytest.raises(MovaInputError):
-        write_tiny_tokenizer(str(tmp_path / "bad"), 10)
+        write_tiny_tokenizer(str(tmp_path / "bad"), 10, style)
+
+
+def test_tokenizer_json_settings(tokenizer_dirs):
+    """The variants say what they claim: Metaspace prepend_scheme always / first / never, and
+    umt5-xxl's normalizer (Precompiled nmt_nfkc + Replace), specials and byte fallback."""
+    def read(style):
+        with open(os.path.join(tokenizer_dirs[style], "tokenizer.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+
+    for style in ("always", "first", "never"):
+        doc = read(style)
+        schemes = [p.get("prepend_scheme") for p in doc["pre_tokenizer"]["pretokenizers"]]
+        assert schemes == [None, style] and doc["normalizer"] is None
+    doc = read("umt5-xxl")
+    assert [n["type"] for n in doc["normalizer"]["normalizers"]] == ["Precompiled", "Replace"]
+    assert doc["pre_tokenizer"]["type"] == "Metaspace" and doc["pre_tokenizer"]["prepend_scheme"] == "always"
+    assert doc["model"]["unk_id"] == 3 and doc["model"]["byte_fallback"] is True
+    added = {t["content"]: t["id"] for t in doc["added_tokens"]}
+    assert [added[s] for s in ("<pad>", "</s>", "<s>", "<unk>")] == [0, 1, 2, 3]
+    assert added["<extra_id_0>"] == 511
 
 
 def test_tiny_tokenizer_loads_and_pads(tiny_tokenizer_dir):
@@ -144,3 +180,19 @@ def test_encode_rejects_bad_prompts(tiny_tokenizer_dir, tiny_model):
     for bad in ("a single string", [], [None]):
         with pytest.raises(MovaInputError):
             encoder.encode(bad, "cpu", torch.float32)
+
+
+def test_make_checkpoint_writes_the_requested_tokenizer(monkeypatch, tmp_path):
+    from mova_rt import checkpoint
+    from mova_rt.cli import main
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "write_checkpoint",
+                        lambda cfg, out, seed, tokenizer: calls.append((out, tokenizer)))
+    for style in TOKENIZER_STYLES:
+        assert main(["make-checkpoint", "--out", str(tmp_path / style), "--tokenizer", style]) == 0
+    assert calls == [(str(tmp_path / s), s) for s in TOKENIZER_STYLES]
+    with pytest.raises(SystemExit):
+        main(["make-checkpoint", "--out", str(tmp_path / "x"), "--tokenizer", "sometimes"])
+    with pytest.raises(MovaInputError, match="unknown --tokenizer"):
+        checkpoint.make_checkpoint("tiny", str(tmp_path / "y"), tokenizer="sometimes")
