@@ -513,6 +513,8 @@ def cmd_info(args) -> int:
     print(f"triton: {_probe('triton')}")
     print(f"flash-attn: {_probe('flash_attn')}")
     print(f"tensorrt: {_probe('tensorrt')}")
+    from .versions import library_lines
+    print("\n".join(library_lines()))
     from .cuda_ext import available, build_info
     print(f"cuda extension (mova_rt._C): {build_info()}"
           + ("" if build_info() == "not built" else
