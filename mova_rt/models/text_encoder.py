@@ -101,7 +101,9 @@ def load_tokenizer(folder: str) -> PromptTokenizer:
 
     A folder with only spiece.model is refused: turning it into a fast tokenizer is transformers'
     converter's job, and its output has changed between versions (the class of drift this module
-    avoids). Official MOVA checkpoints ship tokenizer.json."""
+    avoids). Official MOVA checkpoints ship tokenizer.json. Tokens listed only in
+    tokenizer_config.json (transformers 4 would add them) are not added: folders written by
+    transformers' save_pretrained hold them in tokenizer.json too."""
     from tokenizers import Tokenizer
 
     if not os.path.isdir(folder):
