@@ -63,20 +63,23 @@ setup(
         "torch>=2.11",
         "numpy",
         "safetensors>=0.4",
-        "transformers>=4.45",
-        "diffusers>=0.33",
+        # The exact path was compared with the reference under the versions in
+        # mova_rt/versions.py; the upper bounds stop at the newest release checked (docs/parity.md).
+        # transformers is not needed: mova-rt reads tokenizer.json and computes UMT5 itself.
+        "diffusers>=0.36,<0.43",
         "av>=12",
         "pillow",
         "tqdm",
         "ftfy",
         "sentencepiece",
-        "tokenizers",
+        "tokenizers>=0.22,<0.24",
     ],
     # nvidia-modelopt: the optional fp8 calibration path (quantize.calibrate), tested on the CPU;
     # onnx + onnxscript: `mova-rt build --backend tensorrt` exports ONNX; onnxruntime checks it
+    # transformers (test): an outside oracle for the UMT5 encoder in tests/test_text_encoder.py
     extras_require={"triton": ["triton>=3.3"],
                     "test": ["pytest", "pybind11", "nvidia-modelopt", "onnx", "onnxscript",
-                             "onnxruntime"],
+                             "onnxruntime", "transformers"],
                     "tensorrt": ["onnx", "onnxscript"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["mova-rt=mova_rt.cli:main"]},

@@ -24,7 +24,8 @@ from .files import new_folder
 from .models.audio_dit import AudioDiT
 from .models.audio_vae import DacVAE
 from .models.bridge import Bridge
-from .models.text_encoder import build_umt5_encoder, write_tiny_tokenizer
+from .models.text_encoder import build_umt5_encoder
+from .models.tiny_tokenizer import TOKENIZER_STYLES, write_tiny_tokenizer
 from .models.video_dit import VideoDiT
 from .models.video_vae import build_video_vae
 from .ops import resolve
@@ -91,13 +92,14 @@ def _write_component(folder: str, name: str, state: dict):
         save_file(state, os.path.join(folder, f"{SINGLE[name]}.safetensors"), metadata=meta)
 
 
-def write_checkpoint(cfg: MovaConfig, out: str, seed: int = 0):
-    """Writes the checkpoint for `cfg` to `out` (a new folder), atomically."""
+def write_checkpoint(cfg: MovaConfig, out: str, seed: int = 0, tokenizer: str = "always"):
+    """Writes the checkpoint for `cfg` to `out` (a new folder), atomically. `tokenizer`: the
+    tokenizer.json variant (mova_rt.models.tiny_tokenizer.TOKENIZER_STYLES)."""
     with new_folder(out, ".mova-ckpt-") as tmp:
-        _fill(cfg, tmp, seed)
+        _fill(cfg, tmp, seed, tokenizer)
 
 
-def _fill(cfg: MovaConfig, root: str, seed: int):
+def _fill(cfg: MovaConfig, root: str, seed: int, tokenizer: str):
     gen = torch.Generator().manual_seed(seed)
     ops = resolve("reference")
     for rel, doc in cfg.to_files().items():
@@ -121,12 +123,15 @@ def _fill(cfg: MovaConfig, root: str, seed: int):
     # is tied to `shared` and not stored.
     _write_component(os.path.join(root, "text_encoder"), "text_encoder",
                      _state(text, bf16, drop={"encoder.embed_tokens.weight"}))
-    write_tiny_tokenizer(os.path.join(root, "tokenizer"), vocab_size=cfg.text_encoder["vocab_size"])
+    write_tiny_tokenizer(os.path.join(root, "tokenizer"), vocab_size=cfg.text_encoder["vocab_size"],
+                         style=tokenizer)
 
 
-def make_checkpoint(preset: str, out: str, seed: int = 0):
+def make_checkpoint(preset: str, out: str, seed: int = 0, tokenizer: str = "always"):
     if preset != "tiny":
         raise MovaInputError(f"make-checkpoint writes only the 'tiny' preset ({preset} would be "
                              "~72 GB of random weights); `mova-rt bench` builds the full-size "
                              "model directly on the GPU")
-    write_checkpoint(preset_config(preset), out, seed)
+    if tokenizer not in TOKENIZER_STYLES:
+        raise MovaInputError(f"unknown --tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZER_STYLES)}")
+    write_checkpoint(preset_config(preset), out, seed, tokenizer)

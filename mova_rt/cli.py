@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
+    from .models.tiny_tokenizer import TOKENIZER_STYLES
+    m.add_argument("--tokenizer", default="always", choices=TOKENIZER_STYLES,
+                   help="tokenizer.json variant: Metaspace prepend_scheme always/first/never, or "
+                        "the real umt5-xxl tokenizer's settings")
     qp = sub.add_parser("quantize", help="write the fp8 weights of a checkpoint (for "
                                          "generate --precision fp8 --fp8_weights)")
     qp.add_argument("--ckpt_path", required=True, help="MOVA checkpoint folder (official layout)")
@@ -491,7 +495,7 @@ def cmd_quantize(args) -> int:
 def cmd_make_checkpoint(args) -> int:
     from .checkpoint import make_checkpoint
 
-    make_checkpoint(args.preset, args.out, args.seed)
+    make_checkpoint(args.preset, args.out, args.seed, tokenizer=args.tokenizer)
     print(f"wrote {args.preset} checkpoint to {args.out}")
     return 0
 
@@ -518,6 +522,8 @@ def cmd_info(args) -> int:
     print(f"triton: {_probe('triton')}")
     print(f"flash-attn: {_probe('flash_attn')}")
     print(f"tensorrt: {_probe('tensorrt')}")
+    from .versions import library_lines
+    print("\n".join(library_lines()))
     from .fp8.cuda_ext import available, build_info
     print(f"cuda extension (mova_rt._C): {build_info()}"
           + ("" if build_info() == "not built" else

@@ -1,76 +1,44 @@
-"""UMT5 prompt encoder of MOVA, plus a tiny offline T5-style tokenizer for tests and presets.
+"""The UMT5 prompt encoder of MOVA and its tokenizer, computed as the reference computes them
+(OpenMOSS/MOVA with transformers 4.57: `T5TokenizerFast` + `UMT5EncoderModel`, eager attention),
+whatever transformers version is installed: mova-rt does not use transformers for either.
 
 Parity-critical points (each one changes the DiT's conditioning if missed):
 - Prompts are cleaned exactly like MOVA: `ftfy.fix_text`, `html.unescape` twice, strip, then every
   whitespace run becomes one space and the result is stripped again.
-- Tokenization pads to exactly `max_length` (512) with `<pad>`=0, truncates, and appends `</s>`=1;
-  the attention mask marks the real tokens including `</s>`.
-- The encoder runs in eval mode (UMT5 configs carry dropout_rate 0.1) with the attention mask.
+- The tokenizer is the checkpoint's `tokenizer.json` read by the `tokenizers` library as written
+  (normalizer, pre-tokenizer, post-processor, added tokens). transformers 5's `T5TokenizerFast`
+  replaces the normalizer and pre-tokenizer with a fixed Metaspace(prepend_scheme="always"), which
+  adds a leading "▁" token when the file says "never" or "first"; transformers 4 does not.
+- The reference's call: pad to exactly `max_length` (512) on the right with the pad token, truncate
+  on the right keeping room for the post-processor's `</s>`, add special tokens; the attention mask
+  marks the real tokens including `</s>`.
+- UMT5 attention is the eager formula: scores = q k^T (no 1/sqrt(d) scale, as in T5), plus the
+  layer's relative position bias plus the additive padding mask (both in the activation dtype),
+  softmax in fp32 and cast back, then the values. transformers 5 runs SDPA with the bias as a mask
+  instead: ~5e-7 apart in fp32, ~1e-2 in bf16.
 - Rows past each prompt's token count are set to exact zeros: the DiT cross-attends to all 512
   positions without a mask, so padding rows must contribute zero keys/values, not encoder output.
-- transformers 5 keeps `encoder.embed_tokens.weight` in `state_dict()` but ties it to
-  `shared.weight` (same Parameter). Checkpoints only need `shared.weight`; after loading with
-  `load_state_dict(assign=True)` call `tie_umt5_embeddings` so both names use one tensor again.
+- `shared` and `encoder.embed_tokens` are one module (transformers ties them): checkpoints store only
+  `shared.weight`.
 - `from_pretrained(dtype=bfloat16)` casts every UMT5 weight to bf16 (`_keep_in_fp32_modules=["wo"]`
   only applies to fp16), so a bf16 loader that casts everything matches the reference.
 """
 
+from __future__ import annotations
+
 import html
 import json
+import math
 import os
 import re
-import struct
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+import torch.nn as nn
+import torch.nn.functional as F
 
 from mova_rt.errors import MovaInputError
-
-_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5/UMT5
-_CAPITALIZED = "The A In An It He She They This There On As At With Two"
-_SUFFIXES = "ing ed ly er es"
-_WORDS = """
-the a an and or but of in on at to from with by for as into over under through across along around
-behind between above below near beside up down out off onto toward away back while then is are was
-were be been has have had it its this that these those there here he she they his her their them
-him we you i my your our who which what when where how not no very more most some all each every
-other another one two three four five first last small large big little long short tall high low
-wide narrow deep old young new bright dark light soft hard warm cold hot wet dry slow fast quick
-quickly slowly gently gentle calm quiet loud beautiful happy sad serious smiling smile laughing
-looking looks look walks walking walk runs running run stands standing stand sits sitting sit holds
-holding hold moves moving move turns turning turn flying fly swimming swims falls falling dancing
-dance speaks speaking talking talks says saying sings singing playing plays watching watches reaches
-opens closes camera shot close view scene background foreground frame video film cinematic realistic
-style lighting shadow shadows sun sunlight sunset sunrise sky cloud clouds rain snow wind water river
-lake sea ocean wave waves beach sand forest tree trees grass flower flowers field mountain mountains
-hill road street city town building house room window door wall floor table chair bed kitchen car
-train boat plane bird birds dog dogs cat cats horse fish animal man woman men women boy girl child
-children people person group crowd face eyes eye hair hand hands head arm arms body feet legs voice
-sound music song audio noise speech color red blue green yellow white black gray orange purple pink
-brown golden silver wooden glass metal stone fire smoke steam ice night day morning evening time
-moment slight softly shows showing wearing wears dressed shirt dress jacket coat hat glasses phone
-book cup coffee food bread guitar piano drum drums rises rising pan zoom tracking follows following
-static motion blur focus depth natural studio indoor outdoor outside inside center left right top
-bottom side middle edge corner distance distant nearby breeze leaves leaf branches rock rocks
-waterfall desert snowy rainy foggy sunny cloudy stormy thunder lightning rainbow moon stars star neon
-lights lamp candle fireplace streets market shop store cafe restaurant office school park garden
-bridge tower castle church station airport highway traffic bus bike bicycle truck ship engine machine
-robot computer screen television radio microphone speaker stage concert audience band singer dancer
-actor player team game ball soccer basketball football tennis jumps jumping climbs climbing rides
-riding drives driving pours pouring cooking cooks eating eats drinking drinks writing writes reading
-reads painting paints drawing cutting throws throwing catches catching pushes pulls carries carrying
-lifts picks puts places nods shakes points touches hugs kisses cries crying shouts shouting whispers
-whispering breathing breath heart emotion expression mouth lips nose ears neck shoulder shoulders
-fingers skin beard mask helmet uniform suit tie boots shoes jeans skirt scarf gloves bag box bottle
-plate bowl knife spoon fork paper letter sign text words word tells asks answers replies listens
-listening hears sounds footsteps applause laughter birdsong whistle bell bells clock ticking humming
-buzzing crackling splashing rustling roaring barking chirping echo silence quietly loudly clearly
-sharp smooth rough heavy thin thick full empty open closed broken clean dirty fresh ancient modern
-futuristic vintage retro classic elegant simple detailed blurry hour shallow tone mood atmosphere
-dramatic peaceful tense mysterious romantic playful energetic cheerful gloomy vibrant colorful cool
-dim glowing shining sparkling reflecting reflection mirror surface texture pattern line lines shape
-"""
 
 
 def prompt_clean(text: str) -> str:
@@ -81,12 +49,281 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def build_umt5_encoder(config: dict, device="meta") -> UMT5EncoderModel:
-    """Build an eval-mode `UMT5EncoderModel` from the dict in `text_encoder/config.json`.
+# 1. Tokenizer ------------------------------------------------------------------------------------
+
+class PromptTokenizer:
+    """The checkpoint's tokenizer.json as the `tokenizers` library reads it, called the way the
+    reference calls `T5TokenizerFast` (padding="max_length", truncation=True,
+    add_special_tokens=True, return_attention_mask=True)."""
+
+    def __init__(self, tokenizer, pad_token: str):
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.pad_token = pad_token
+        self.pad_id = tokenizer.token_to_id(pad_token)
+
+    def __call__(self, texts: list, max_length: int) -> tuple:
+        """texts -> (input_ids, attention_mask), int64 [B, max_length] on the CPU."""
+        tok = self.tokenizer
+        # What transformers' fast tokenizer sets on its backend for this call (right-side
+        # truncation that keeps room for the post-processor's tokens; right padding to exactly
+        # max_length with the pad token and type id 0).
+        tok.enable_truncation(max_length=max_length, stride=0, strategy="longest_first",
+                              direction="right")
+        tok.enable_padding(direction="right", pad_id=self.pad_id, pad_type_id=0,
+                           pad_token=self.pad_token, length=max_length)
+        encodings = tok.encode_batch(list(texts), add_special_tokens=True)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+
+def _pad_token(folder: str) -> str:
+    """The pad token as transformers resolves it: tokenizer_config.json, then
+    special_tokens_map.json, then T5's default `<pad>` (each either a string or an AddedToken dict)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = json.load(fh).get("pad_token")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise MovaInputError(f"cannot read {path} ({exc}); re-download the checkpoint's tokenizer/") from exc
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return "<pad>"
+
+
+def load_tokenizer(folder: str) -> PromptTokenizer:
+    """Load the checkpoint's `tokenizer/tokenizer.json` offline, exactly as written.
+
+    A folder with only spiece.model is refused: turning it into a fast tokenizer is transformers'
+    converter's job, and its output has changed between versions (the class of drift this module
+    avoids). Official MOVA checkpoints ship tokenizer.json. Tokens listed only in
+    tokenizer_config.json (transformers 4 would add them) are not added: folders written by
+    transformers' save_pretrained hold them in tokenizer.json too."""
+    from tokenizers import Tokenizer
+
+    if not os.path.isdir(folder):
+        raise MovaInputError(
+            f"tokenizer folder {folder} does not exist; pass a MOVA checkpoint that has tokenizer/"
+        )
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise MovaInputError(
+            f"{folder} has no tokenizer.json; re-download the checkpoint's tokenizer/ "
+            "(mova-rt reads tokenizer.json, not spiece.model alone)"
+        )
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise MovaInputError(
+            f"cannot read the tokenizer in {folder} ({type(exc).__name__}: {reason}); re-download tokenizer/"
+        ) from exc
+    pad = _pad_token(folder)
+    if tokenizer.token_to_id(pad) is None or tokenizer.token_to_id("</s>") is None:
+        raise MovaInputError(f"tokenizer in {folder} lacks {pad} or </s>; use the checkpoint's T5 tokenizer/")
+    return PromptTokenizer(tokenizer, pad)
+
+
+# 2. UMT5 encoder ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UMT5Settings:
+    """The fields of text_encoder/config.json the encoder reads; defaults are transformers'
+    UMT5Config defaults (what the reference gets for a missing field)."""
+
+    vocab_size: int = 250112
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "UMT5Settings":
+        known = {k: config[k] for k in cls.__dataclass_fields__ if k in config}
+        out = cls(**known)
+        if out.feed_forward_proj != "gated-gelu":
+            raise MovaInputError(
+                f"text_encoder/config.json has feed_forward_proj={out.feed_forward_proj!r}; MOVA's "
+                "UMT5 uses 'gated-gelu' (mova-rt implements only that): use the checkpoint's config"
+            )
+        return out
+
+
+class UMT5Norm(nn.Module):
+    """T5's RMS norm: the mean of squares in fp32, x * rsqrt(ms + eps) (fp32 for a half input),
+    rounded to a half weight's dtype, then times the weight. No mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_position_bucket(relative_position, num_buckets: int, max_distance: int):
+    """Bidirectional T5 buckets of `relative_position` (key - query, int64): half the buckets for
+    each sign; within a half, exact buckets below num_buckets/4 and log-spaced ones up to
+    max_distance (the float32 log rounded toward zero, as Mesh TensorFlow and transformers do)."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).to(torch.long) * num_buckets
+    distance = torch.abs(relative_position)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).to(torch.long)
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class UMT5Attention(nn.Module):
+    """Self-attention with a per-layer relative position bias, computed eagerly (module doc)."""
+
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        inner = s.num_heads * s.d_kv
+        self.heads, self.head_dim = s.num_heads, s.d_kv
+        self.num_buckets = s.relative_attention_num_buckets
+        self.max_distance = s.relative_attention_max_distance
+        self.q = nn.Linear(s.d_model, inner, bias=False)
+        self.k = nn.Linear(s.d_model, inner, bias=False)
+        self.v = nn.Linear(s.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, s.d_model, bias=False)
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, s.num_heads)
+
+    def position_bias(self, length: int, device) -> torch.Tensor:
+        """[1, H, L, L] in the bias table's dtype: bias[h, i, j] = table[bucket(j - i), h]."""
+        query = torch.arange(length, dtype=torch.long, device=device)[:, None]
+        key = torch.arange(length, dtype=torch.long, device=device)[None, :]
+        bucket = relative_position_bucket(key - query, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(bucket).permute([2, 0, 1]).unsqueeze(0)
+
+    def forward(self, x, mask_bias):
+        """x [B, L, C]; mask_bias [B, 1, 1, L] additive (0 or the dtype's min) -> [B, L, C]."""
+        b, length = x.shape[:2]
+        q = self.q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = self.k(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        v = self.v(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        scores = torch.matmul(q, k.transpose(3, 2))                            # [B, H, L, L]
+        # bias + mask first, then added to the scores: two roundings in a half dtype, in this order
+        scores = scores + (self.position_bias(length, scores.device) + mask_bias)
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)  # softmax in fp32, cast back
+        out = torch.matmul(weights, v)                                         # [B, H, L, D]
+        out = out.transpose(1, 2).contiguous().view(b, length, -1)             # [B, L, H*D]
+        return self.o(out)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation, written as transformers' "gelu_new" computes it (the rounding
+    order differs from F.gelu(approximate="tanh"))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class UMT5GatedFFN(nn.Module):
+    """wo(gelu_tanh(wi_0 x) * wi_1 x); the product cast to wo's dtype if it differs."""
+
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        self.wi_0 = nn.Linear(s.d_model, s.d_ff, bias=False)
+        self.wi_1 = nn.Linear(s.d_model, s.d_ff, bias=False)
+        self.wo = nn.Linear(s.d_ff, s.d_model, bias=False)
+
+    def forward(self, x):
+        h = gelu_tanh(self.wi_0(x)) * self.wi_1(x)                              # [B, L, d_ff]
+        if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype.is_floating_point:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
+
+
+class UMT5AttentionLayer(nn.Module):
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        self.SelfAttention = UMT5Attention(s)
+        self.layer_norm = UMT5Norm(s.d_model, s.layer_norm_epsilon)
+
+    def forward(self, x, mask_bias):
+        return x + self.SelfAttention(self.layer_norm(x), mask_bias)
+
+
+class UMT5FFLayer(nn.Module):
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        self.DenseReluDense = UMT5GatedFFN(s)
+        self.layer_norm = UMT5Norm(s.d_model, s.layer_norm_epsilon)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class UMT5Block(nn.Module):
+    """Pre-norm residual self-attention, then pre-norm residual gated FFN (`layer.0`, `layer.1`).
+    transformers' fp16 inf-clamping is left out: mova-rt runs the encoder in fp32 or bf16."""
+
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        self.layer = nn.ModuleList([UMT5AttentionLayer(s), UMT5FFLayer(s)])
+
+    def forward(self, x, mask_bias):
+        return self.layer[1](self.layer[0](x, mask_bias))
+
+
+class UMT5Stack(nn.Module):
+    def __init__(self, s: UMT5Settings, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([UMT5Block(s) for _ in range(s.num_layers)])
+        self.final_layer_norm = UMT5Norm(s.d_model, s.layer_norm_epsilon)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed_tokens(input_ids)                                        # [B, L, C]
+        # Additive padding mask in the activation dtype: 0 for tokens, the dtype's min for padding.
+        keep = attention_mask[:, None, None, :].to(dtype=x.dtype)               # [B, 1, 1, L]
+        mask_bias = (1.0 - keep) * torch.finfo(x.dtype).min
+        for block in self.block:
+            x = block(x, mask_bias)
+        return self.final_layer_norm(x)
+
+
+class UMT5Output(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, L, d_model]
+
+
+class UMT5Encoder(nn.Module):
+    """MOVA's UMT5 text encoder, with transformers' UMT5EncoderModel module names (so checkpoint
+    keys load unchanged) and no dropout (inference only)."""
+
+    def __init__(self, s: UMT5Settings):
+        super().__init__()
+        self.settings = s
+        self.shared = nn.Embedding(s.vocab_size, s.d_model)
+        self.encoder = UMT5Stack(s, self.shared)
+
+    def forward(self, input_ids, attention_mask) -> UMT5Output:
+        """input_ids, attention_mask int [B, L] -> UMT5Output(last_hidden_state [B, L, d_model])."""
+        return UMT5Output(self.encoder(input_ids, attention_mask))
+
+
+def build_umt5_encoder(config: dict, device="meta") -> UMT5Encoder:
+    """Build an eval-mode `UMT5Encoder` from the dict in `text_encoder/config.json`.
 
     Parameters are created on `device` (meta: no memory, fill with `load_state_dict(assign=True)`).
     State-dict keys (i < num_layers; every UMT5 layer has its own relative position bias):
-      shared.weight [vocab, d_model]; encoder.embed_tokens.weight (tied alias of shared.weight);
+      shared.weight [vocab, d_model]; encoder.embed_tokens.weight (the same tensor);
       encoder.block.{i}.layer.0.SelfAttention.{q,k,v}.weight [heads*d_kv, d_model],
       ...SelfAttention.o.weight [d_model, heads*d_kv],
       ...SelfAttention.relative_attention_bias.weight [num_buckets, heads],
@@ -96,15 +333,15 @@ def build_umt5_encoder(config: dict, device="meta") -> UMT5EncoderModel:
       encoder.block.{i}.layer.1.layer_norm.weight [d_model]; encoder.final_layer_norm.weight [d_model].
     No buffers.
     """
-    cfg = UMT5Config(**config)
+    settings = UMT5Settings.from_config(config)
     with torch.device(device):
-        model = UMT5EncoderModel(cfg)
+        model = UMT5Encoder(settings)
     return model.eval()
 
 
-def umt5_expected_keys(model: UMT5EncoderModel) -> set:
+def umt5_expected_keys(model: UMT5Encoder) -> set:
     """Keys a checkpoint must hold: the state-dict keys minus aliases of an already-listed tensor
-    (i.e. without `encoder.embed_tokens.weight`, which transformers ties to `shared.weight`)."""
+    (i.e. without `encoder.embed_tokens.weight`, the same tensor as `shared.weight`)."""
     seen, keys = set(), set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in seen:
@@ -113,19 +350,19 @@ def umt5_expected_keys(model: UMT5EncoderModel) -> set:
     return keys
 
 
-def tie_umt5_embeddings(model: UMT5EncoderModel) -> UMT5EncoderModel:
-    """Make `encoder.embed_tokens` use the same Parameter as `shared` after assign-loading (which
-    replaces `shared.weight` and leaves the alias on the old, e.g. meta, tensor)."""
-    if model.shared.weight.is_meta and not model.encoder.embed_tokens.weight.is_meta:
-        model.shared.weight = model.encoder.embed_tokens.weight
-    model.encoder.embed_tokens.weight = model.shared.weight
+def tie_umt5_embeddings(model: UMT5Encoder) -> UMT5Encoder:
+    """Make `encoder.embed_tokens` the `shared` module again (a loader `finalize` hook; a no-op
+    unless something replaced one of them)."""
+    model.encoder.embed_tokens = model.shared
     return model
 
+
+# 3. Prompt embeddings ----------------------------------------------------------------------------
 
 class TextEncoder:
     """Tokenizer + UMT5 encoder producing MOVA's zero-padded prompt embeddings."""
 
-    def __init__(self, tokenizer, model: UMT5EncoderModel, max_length: int = 512):
+    def __init__(self, tokenizer: PromptTokenizer, model: UMT5Encoder, max_length: int = 512):
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.max_length = max_length
@@ -136,11 +373,7 @@ class TextEncoder:
             raise MovaInputError(
                 "prompts must be a non-empty list of strings; wrap a single prompt in a list"
             )
-        batch = self.tokenizer(
-            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_length,
-            truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-        )
-        return batch.input_ids, batch.attention_mask
+        return self.tokenizer([prompt_clean(p) for p in prompts], self.max_length)
 
     @torch.no_grad()
     def encode(self, prompts: list, device, dtype) -> torch.Tensor:
@@ -154,114 +387,3 @@ class TextEncoder:
         seq_lens = mask.gt(0).sum(dim=1)
         keep = torch.arange(hidden.shape[1], device=device)[None, :] < seq_lens[:, None]
         return torch.where(keep[:, :, None], hidden, torch.zeros((), device=device, dtype=dtype))
-
-
-def load_tokenizer(folder: str) -> T5TokenizerFast:
-    """Load the checkpoint's `tokenizer/` folder (tokenizer.json or spiece.model) offline."""
-    if not os.path.isdir(folder):
-        raise MovaInputError(
-            f"tokenizer folder {folder} does not exist; pass a MOVA checkpoint that has tokenizer/"
-        )
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "spiece.model")):
-        raise MovaInputError(
-            f"{folder} has no tokenizer.json or spiece.model; re-download the checkpoint's tokenizer/"
-        )
-    try:
-        tokenizer = T5TokenizerFast.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise MovaInputError(
-            f"cannot read the tokenizer in {folder} ({type(exc).__name__}: {reason}); re-download tokenizer/"
-        ) from exc
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise MovaInputError(f"tokenizer in {folder} lacks <pad> or </s>; use the checkpoint's T5 tokenizer/")
-    return tokenizer
-
-
-def _tiny_vocab(vocab_size: int) -> list:
-    """(piece, score) list: specials, "▁", printable ASCII chars, suffixes, words, then "▁xy" fillers.
-
-    Scores are exact in float32 so tokenizer.json and spiece.model agree bit for bit.
-    """
-    base = [(s, 0.0) for s in _SPECIALS] + [("▁", -3.0)] + [(chr(c), -10.0) for c in range(33, 127)]
-    words = _SUFFIXES.split() + ["▁" + w for w in _CAPITALIZED.split() + _WORDS.split()]
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    fillers = ["▁" + a + b for a in letters for b in letters]
-    extra, seen = [], {p for p, _ in base}
-    for piece in words + fillers:
-        if piece not in seen:
-            seen.add(piece)
-            extra.append((piece, -12.0 if piece in fillers else -5.0 - len(extra) / 64))
-    if not len(base) <= vocab_size <= len(base) + len(extra):
-        raise MovaInputError(
-            f"tiny tokenizer vocab_size {vocab_size} is out of range; "
-            f"use {len(base)}..{len(base) + len(extra)}"
-        )
-    return base + extra[: vocab_size - len(base)]
-
-
-def _pb(field: int, value) -> bytes:
-    """One protobuf field: bytes/str -> length-delimited, float -> fixed32, int/bool -> varint."""
-
-    def varint(n: int) -> bytes:
-        n &= (1 << 64) - 1
-        out = bytearray()
-        while n > 0x7F:
-            out.append(n & 0x7F | 0x80)
-            n >>= 7
-        return bytes(out + bytes([n]))
-
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if isinstance(value, bytes):
-        return varint(field << 3 | 2) + varint(len(value)) + value
-    if isinstance(value, float):
-        return varint(field << 3 | 5) + struct.pack("<f", value)
-    return varint(field << 3) + varint(int(value))
-
-
-def _spiece_model(vocab: list) -> bytes:
-    """Serialize a SentencePiece Unigram ModelProto (pad=0, eos=1, unk=2, no bos) for `vocab`."""
-    kinds = {"<pad>": 3, "</s>": 3, "<unk>": 2}  # CONTROL, CONTROL, UNKNOWN; others NORMAL=1
-    pieces = b"".join(_pb(1, _pb(1, p) + _pb(2, s) + _pb(3, kinds.get(p, 1))) for p, s in vocab)
-    trainer = _pb(3, 1) + _pb(4, len(vocab)) + _pb(40, 2) + _pb(41, -1) + _pb(42, 1) + _pb(43, 0)
-    normalizer = _pb(1, "identity") + _pb(3, True) + _pb(4, True) + _pb(5, True)
-    return pieces + _pb(2, trainer) + _pb(3, normalizer)
-
-
-def write_tiny_tokenizer(folder: str, vocab_size: int) -> None:
-    """Write a deterministic T5-style Unigram tokenizer with exactly `vocab_size` pieces to `folder`.
-
-    Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model (same layout
-    as an official T5/UMT5 `tokenizer/` folder). `<pad>`=0, `</s>`=1, `<unk>`=2; no `<extra_id_*>`
-    sentinels (extra_ids=0; MOVA never uses them). Whitespace split + Metaspace "▁" (prepended to
-    every word), `</s>` appended, unknown characters (e.g. Chinese) map to `<unk>`; model_max_length 512.
-    """
-    vocab = _tiny_vocab(vocab_size)
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(
-        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
-    )
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
-    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-    added = {
-        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
-        for i, s in enumerate(_SPECIALS)
-    }
-    config = dict(specials, added_tokens_decoder=added, clean_up_tokenization_spaces=False, extra_ids=0,
-                  model_max_length=512, tokenizer_class="T5Tokenizer")
-    os.makedirs(folder, exist_ok=True)
-    texts = {
-        "tokenizer.json": tok.to_str(pretty=True) + "\n",
-        "tokenizer_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n",
-        "special_tokens_map.json": json.dumps(specials, indent=2, sort_keys=True) + "\n",
-    }
-    for name, text in texts.items():
-        with open(os.path.join(folder, name), "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-    with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(_spiece_model(vocab))

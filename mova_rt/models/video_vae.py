@@ -1,25 +1,73 @@
-"""The video VAE of MOVA: the Wan2.1 VAE through diffusers' AutoencoderKLWan (spec 1.6).
+"""The video VAE of MOVA: the Wan2.1 VAE through diffusers' AutoencoderKLWan (spec 1.6), with its
+RMS norms computed as the reference's diffusers (0.36) computes them.
 
 Encode runs in the weight dtype without autocast; decode under autocast in the weight dtype, as the
 reference does. Latents are normalised per channel with latents_mean / latents_std from the
 checkpoint's config: (z - mean) * (1 / std), and back with z * std + mean, in fp32.
+
+Why mova-rt owns the norm: diffusers 0.38 changed WanRMS_norm to run F.normalize on an fp32 copy of a
+bf16/fp16 input (one rounding at the end); 0.36 normalizes in the activation dtype (the norm rounded
+to bf16, then a bf16 division). That moves the bf16 condition latent by ~1e-2 relative. It is the only
+arithmetic change in autoencoder_kl_wan.py from 0.36.0 to 0.42.1 (read for every release in
+between), so replacing these modules keeps every diffusers release in setup.py's range on the
+reference's arithmetic, without pinning users to an old diffusers.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import VideoVAEConfig
+from ..errors import MovaInputError
+
+
+class WanRMSNorm(nn.Module):
+    """x / max(||x||_2, 1e-12) over the channel dim, computed in x's dtype (not upcast), then
+    * sqrt(dim) * gamma + bias: diffusers 0.36's WanRMS_norm. Takes over the gamma (and bias, a
+    Parameter or the float 0.0) of the module it replaces, so state-dict keys are unchanged."""
+
+    def __init__(self, replaced: nn.Module):
+        super().__init__()
+        self.channel_first = replaced.channel_first
+        self.scale = replaced.scale            # sqrt(dim)
+        self.gamma = replaced.gamma            # [dim, 1, 1(, 1)] or [dim]
+        self.bias = replaced.bias              # same shape as gamma, or 0.0
+
+    def forward(self, x):
+        dim = 1 if self.channel_first else -1
+        return F.normalize(x, dim=dim) * self.scale * self.gamma + self.bias
+
+
+def use_reference_norms(vae: nn.Module) -> nn.Module:
+    """Replace every diffusers WanRMS_norm in `vae` by WanRMSNorm (in place; on any device)."""
+    norm_class = getattr(sys.modules[type(vae).__module__], "WanRMS_norm", None)
+    if norm_class is None:
+        raise MovaInputError("this diffusers release has no WanRMS_norm in AutoencoderKLWan's module; "
+                             "install a diffusers version within mova-rt's setup.py range")
+    replaced = 0
+    for parent in list(vae.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, norm_class):
+                setattr(parent, name, WanRMSNorm(child))
+                replaced += 1
+    if replaced == 0:
+        raise MovaInputError("AutoencoderKLWan has no WanRMS_norm modules in this diffusers "
+                             "release; install a diffusers version within mova-rt's setup.py range")
+    return vae
 
 
 def build_video_vae(cfg: VideoVAEConfig):
-    """AutoencoderKLWan on the meta device (the loader assigns the weights)."""
+    """AutoencoderKLWan on the meta device (the loader assigns the weights), its RMS norms
+    replaced by the reference's arithmetic (module doc)."""
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        return AutoencoderKLWan.from_config(dict(cfg.raw))
+        return use_reference_norms(AutoencoderKLWan.from_config(dict(cfg.raw)))
 
 
 def _stats(cfg: VideoVAEConfig, device):
