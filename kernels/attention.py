@@ -198,9 +198,12 @@ REGISTER_OVERHEAD = 40
 
 
 def shared_bytes(block_m: int, block_n: int, head_dim: int, stages: int, elt: int = 2) -> int:
-    """Shared memory of one program: the q tile, `stages` buffers of the k and v tiles, and 1 KiB
-    for barriers and alignment (an upper bound of the compiled figure; tests compare)."""
-    return (block_m + 2 * stages * block_n) * head_dim * elt + 1024
+    """Shared memory of one program: the q tile and `stages` buffers of the k and v tiles, or the
+    epilogue's staging tile for the TMA store (fp32 partials of split-KV: [BLOCK_M, D] x 4 B),
+    which reuses them; plus 1 KiB for barriers and alignment (an upper bound of the compiled
+    figure; tests compare)."""
+    loop = (block_m + 2 * stages * block_n) * head_dim * elt
+    return max(loop, block_m * head_dim * 4) + 1024
 
 
 def registers_per_thread(block_m: int, block_n: int, head_dim: int, warps: int,
@@ -244,9 +247,11 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if config_fits(c, kwargs["HEAD_DIM"], limit)]
 
 
+# cache_results: the timings go to Triton's disk cache, so a shape is tuned once, not per process
 _attention_tuned = triton.autotune(
     configs=all_configs(), key=["Lq", "CHUNK", "HEAD_DIM", "SPLIT"],
-    prune_configs_by={"early_config_prune": _prune})(_attention_kernel)
+    prune_configs_by={"early_config_prune": _prune},
+    cache_results=True)(_attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,17 +426,25 @@ def _signature(kernel, ptr_types: dict, constexprs) -> dict:
     return sig
 
 
+def small_and_large(head_dim: int, configs: list) -> list:
+    """The configs compile-checked at a head dim: all at D = 128; the first and the last (the
+    largest tiles and stages) at D = 64; the first at D = 32."""
+    if head_dim == 128:
+        return configs
+    return configs[:1] if head_dim == 32 else [configs[0], configs[-1]]
+
+
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OP": "*fp32", "LSE": "*fp32"}
 
 
 def _cases() -> list:
-    """Every config x {unsplit, split} at D = 128 (every MOVA attention); at D = 64 every config
-    unsplit and the split epilogue once (the loop is the same code); at D = 32 (the tiny test
-    model) one config; the combine kernel."""
+    """Every config x {unsplit, split} at D = 128 (every MOVA attention); at D = 64 the smallest
+    and the largest tiles x {unsplit, split}, at D = 32 (the tiny test model) the smallest
+    unsplit (MOVA runs neither; a compile check costs ~1 s); the combine kernel."""
     cases = []
     for d in HEAD_DIMS:
-        for i, cfg in enumerate(configs_for(d)[:1] if d == 32 else configs_for(d)):
-            for split in (False, True) if d == 128 or i == 0 else (False,):
+        for cfg in small_and_large(d, configs_for(d)):
+            for split in (False, True) if d > 32 else (False,):
                 consts = dict(HEAD_DIM=d, SPLIT=split, INTERPRET=False, **cfg.kwargs)
                 cases.append({
                     "name": f"attention d={d} split={int(split)} {cfg.kwargs['BLOCK_M']}x"

@@ -270,8 +270,9 @@ def _prologue(x, w, eps, rope_kind, ta, tb, inv, geom, round_table, block, smoot
 def fused_attention_int8(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None,
                          smooth: bool = True) -> torch.Tensor:
     """8-bit attention of the raw projections: q/k RMSNorm over all heads (weights wq/wk, or
-    None), RoPE (InterleavedRope for both, RotateHalfRope or None per side), k smoothed, int8 per block, then
-    the int8 kernel. q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 (views of [B, L, H*D]) -> bf16."""
+    None), RoPE (InterleavedRope for both, RotateHalfRope or None per side), k smoothed, int8 per
+    block, then the int8 kernel. q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 (views of [B, L, H*D])
+    -> bf16."""
     bsz, lq, h, d = q.shape
     lk = k.shape[1]
     if d not in (32, 64, 128) or k.shape != (bsz, lk, h, d) or v.shape != k.shape:
