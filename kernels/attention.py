@@ -297,11 +297,12 @@ def tma_scratch(device: torch.device):
 
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when TMA can address it (16-byte aligned base and strides, last dim contiguous),
-    else a contiguous copy."""
+    else a fresh contiguous copy (clone: `.contiguous()` would hand back a contiguous tensor
+    whose base is misaligned)."""
     elt = t.element_size()
     ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
           and all((s * elt) % 16 == 0 for s in t.stride()[:-1]))
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def check_qkv(name: str, q, k, v, dtype=torch.bfloat16) -> None:

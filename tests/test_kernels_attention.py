@@ -110,6 +110,17 @@ def test_split_count_and_chunks():
         assert s & (s - 1) == 0
 
 
+def test_tma_ready_copies_only_what_tma_cannot_address():
+    q, k, v = qkv_inputs(1, 16, 16, 2, 64)
+    assert attention.tma_ready(k) is k                          # a strided view, aligned
+    flat = torch.randn(1 + 16 * 2 * 64).to(BF16)
+    shifted = flat[1:].view(1, 16, 2, 64)                       # contiguous, base 2 B off
+    fixed = attention.tma_ready(shifted)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, shifted)
+    odd = torch.randn(1, 16, 2, 68).to(BF16)[..., :64]          # rows of 136 B
+    assert attention.tma_ready(odd).stride(1) == 128
+
+
 def test_bad_input_is_refused():
     q, k, v = qkv_inputs(1, 8, 8, 2, 64)
     with pytest.raises(ValueError, match="bfloat16"):
