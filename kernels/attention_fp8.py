@@ -135,10 +135,11 @@ def attention_fp8_ref(q, k, v, smooth_k: bool = True, block_n: int | None = None
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _to_e4m3(x, INTERPRET: tl.constexpr):
-    """fp32 in [-448, 448] -> e4m3 (round to nearest even; the interpreter's cast misrounds at
-    power-of-two edges, so it gets the value rounded by bit arithmetic first)."""
+    """fp32 -> e4m3, round to nearest even, saturating at +-448: on GPUs one cvt.rn.satfinite per
+    pair; the interpreter's cast misrounds at power-of-two edges, so there the value is clamped
+    and rounded by bit arithmetic first."""
     if INTERPRET:
-        x = round_e4m3(x)
+        x = round_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
     return x.to(tl.float8e4nv)
 
 
@@ -202,7 +203,7 @@ def _quantize_rows_kernel(X, MEAN, OUT, SCALE,                     # pointers
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
     for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
         x, rows, ok = _load_rows(Xp, MEANp, r0, L, sxl, SUB, HEAD_DIM, SMOOTH)
-        codes = _to_e4m3(tl.minimum(tl.maximum(x * inv, -448.0), 448.0), INTERPRET)
+        codes = _to_e4m3(x * inv, INTERPRET)
         tl.store(OUT + (bh * L + rows[:, None]) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
                  codes, mask=ok)
     tl.store(SCALE + bh * NB + blk, scale * scale_mul)
@@ -224,7 +225,7 @@ def _quantize_v_kernel(V, INV, VT,                                 # pointers
     v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + d[None, :],
                 mask=rows[:, None] < Lk, other=0.0).to(tl.float32)
     x = v * tl.load(INV + bh * HEAD_DIM + d)[None, :]
-    codes = _to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), INTERPRET)
+    codes = _to_e4m3(x, INTERPRET)
     tl.store(VT + (bh * HEAD_DIM + d[None, :]) * LPAD + rows[:, None], codes,
              mask=rows[:, None] < LPAD)
 
@@ -245,7 +246,7 @@ def _tile_fp8(acc, m_i, l_i, q, sq, k_desc, vt_desc, SK, n0, end,
     p = tl.math.exp2(s * a[:, None] - (m_new - _LOG2_448)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    p8 = _to_e4m3(tl.minimum(p, 448.0), INTERPRET)
+    p8 = _to_e4m3(p, INTERPRET)              # p <= 448 up to exp2's rounding: saturates
     pv = tl.dot(p8, vt_desc.load([0, n0]).T)                        # K-major B operand
     return acc * alpha[:, None] + pv, m_new, l_i
 
