@@ -5,11 +5,11 @@ and the sm_90 code of every variant compiled on the CPU.
 
 The error, measured on random inputs like normalised q/k (std 1) and random v (relative
 Frobenius error against fp32 attention; bf16 SDPA on the same inputs ~0.23%):
-    interpreter shapes (97-1025 keys)                          5.1-5.3%
+    interpreter shapes (97-1025 keys), split-KV too            5.0-5.7%
     MOVA's shapes through the reference (tiles of 128 keys):
-        v2a 403 x 43,120 keys, self-attention 256 x 43,120     5.3%, 5.4%
-        q/k std 2 (peakier rows)                               ~11%
-        v with a common component (mean 1, as real values have) ~0.25%
+        v2a 403 x 43,120 keys, self-attention 256 x 43,120     5.4%, 5.4%
+        q/k std 2 (larger logits; not tested)                  ~11%
+        v with a common component (mean 1, as real values have) 0.6% (403 keys), 0.25% (43,120)
 e4m3 keeps 3 mantissa bits (~2.6% rms per rounded value); with uncorrelated v the output's
 relative error is the weights' own, so q/k (~3.7%), p (~2.6%) and v (~2.6%) add up to ~5.3%.
 The bounds below are those figures with margin: they catch a broken kernel, they do not make
@@ -25,7 +25,7 @@ att8 = pytest.importorskip("mova_rt.kernels.attention_fp8")
 attention = pytest.importorskip("mova_rt.kernels.attention")
 BF16 = torch.bfloat16
 MOVA_CONFIG = "attention_fp8 d=128 split=0 128x128 w8 s2"
-BOUND_STD1 = 0.065           # relative error vs fp32 attention at q/k std 1 (measured <= 5.4%)
+BOUND_STD1 = 0.065           # relative error vs fp32 attention at q/k std 1 (measured <= 5.7%)
 
 
 def inputs(b, lq, lk, h, d, seed=0, std=1.0, kmean=0.0, vmean=0.0):
