@@ -1,386 +1,464 @@
-"""Fused attention for MOVA: q/k RMSNorm across heads + RoPE + softmax attention in one kernel.
+"""Softmax attention for Hopper (bf16): out = softmax(q k^T / sqrt(D)) v, one kernel.
 
-Every attention of the model has the same shape of work:
+q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 with any strides whose last dim is contiguous (often
+views of a fused projection [B, L, 3*H*D]); D = 32, 64 or 128 (MOVA: 128; the tiny test model:
+32); out [B, Lq, H, D] contiguous bf16.
+q and k arrive normalised and rotated (the q/k RMSNorm + RoPE prologue runs before: one pass per
+tensor, never inside the key loop).
 
-    qn = round(q * rstd_q * w_q)           RMSNorm over all heads (per-token rstd, fp32)
-    kn = round(k * rstd_k * w_k)
-    qr = round(rope(qn)), kr = round(rope(kn))          (rounded to the activation dtype)
-    out = softmax(qr kr^T / sqrt(D)) v
+One program owns BLOCK_M queries of one (batch, head) and streams the keys in tiles of BLOCK_N
+(FlashAttention-2 schedule, online softmax in base 2):
 
-with `round` the activation dtype's rounding, matching the eager path step by step. RoPE variants:
-- ROPE_NONE: text cross-attention.
-- ROPE_INTERLEAVED (DiT self-attention): pairs (2i, 2i+1) rotated by angle(l, i). The token index
-  l is split into up to three axes (frame, row, column; audio: one axis) and pair i belongs to one
-  axis; cos/sin come from small per-axis tables [A0 + A1 + A2, D/2] (fp32 of the reference's
-  float64 values) instead of [L, D/2] tables.
-- ROPE_ROTATE_HALF (bridge): channel d pairs with d +- D/2; the angle is pos(l) * inv_freq[d mod
-  D/2] with pos(l) = frame_pos[l // tokens_per_frame] (video: the aligned fractional position of
-  the latent frame; audio: l), computed in the kernel in fp32 and its cos/sin rounded to the table
-  dtype as the reference's tables are. No position tables are read.
-The rotated q/k are never written to memory: each program normalises and rotates its q tile once
-and every k tile as it streams in. Online softmax in base 2 (FlashAttention-2 schedule). Split-KV
-(flash-decoding) for few queries over many keys (bridge v2a: 403 x 43,120): each split writes its
-partial output and log-sum-exp, and a small reduction combines them exactly.
+    s     = q k_j^T                         [BLOCK_M, BLOCK_N] fp32 (wgmma, bf16 operands)
+    m'    = max(m, rowmax(s) * c)           c = log2(e) / sqrt(D): the softmax scale and the
+    p     = exp2(s * c - m')                base change, applied by the FMA that subtracts the
+    alpha = exp2(m - m')                    running max (the same instruction count as folding
+    l     = l * alpha + rowsum(p)           c into q, without rounding q * c to bf16 again)
+    acc   = tl.dot(p.bf16, v_j, acc * alpha)  accumulated in place (wgmma with the fp32
+                                             accumulator in registers)
+    out   = acc / l
 
-Layouts: q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides with the last dim contiguous, e.g.
-views of the projections [B, L, H*D]); w_q/w_k [H*D]; out [B, Lq, H, D] contiguous.
+Hopper properties of the compiled loop (checked on CPU by tests/test_kernels_attention.py for
+every config below):
+- q, k, v, out move through TMA tensor descriptors built per program over the (batch, head)
+  plane [L, D] (strides from the tensor, so strided views need no copy); the loads are
+  multi-buffered by Triton's pipeliner (num_stages) with mbarriers; out-of-range rows of the
+  last tiles are zero-filled by the TMA unit, so no load carries a mask.
+- the loop covers the full key tiles only; the last, partial tile (if any) runs once after it
+  with the column mask; no integer division anywhere (the split index comes from shifts).
+- both products are wgmma; the PV wgmma of tile j stays in flight while tile j+1's K tile
+  arrives and its QK product is issued.
+
+Split-KV (flash-decoding) for few queries over many keys (the bridge's v2a: 403 queries x 43,120
+keys, 12 heads: 48 programs for 132 SMs): S = 2^LOG_SPLITS programs per query block each take a
+contiguous chunk of keys and write their normalised partial output and log2-sum-exp
+lse = m + log2(l); `_combine_kernel` merges them exactly:
+
+    out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s
+
+Under the Triton interpreter (CPU tests) the operands are upcast to fp32 before the dots (its
+bf16 dot is wrong) and p / out are rounded to bf16 by bit arithmetic (its casts truncate), so the
+interpreter computes what the GPU computes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..rope import InterleavedRope, RotateHalfRope
-from ._triton import INTERPRET, round_bf16
+from ._triton import INTERPRET, SHARED_MEMORY_LIMIT, round_bf16
 
-ROPE_NONE, ROPE_INTERLEAVED, ROPE_ROTATE_HALF = 0, 1, 2
 LOG2E = 1.4426950408889634
+HEAD_DIMS = (32, 64, 128)
+MAX_BLOCK_N = 128            # split chunks are multiples of it, so every BLOCK_N divides them
+INTERPRET_BLOCK_M, INTERPRET_BLOCK_N = 32, 32   # interpreter tiles: several per test shape
+COMBINE_BLOCK_M = 32
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with fp32 logits, softmax and sums; out in q's dtype, [B, Lq, H, D]."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _rms_rstd_kernel(X, RSTD, N, stride_row, eps, BLOCK: tl.constexpr):
-    """rstd[row] = 1 / sqrt(mean(x[row, :N]^2) + eps), fp32."""
-    row = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(X + row * stride_row + offs, mask=offs < N, other=0.0).to(tl.float32)
-        acc += x * x
-    # IEEE division and sqrt (a plain `/` is the approximate div.full on GPUs); once per row.
-    mean = tl.math.div_rn(tl.sum(acc, axis=0), N.to(tl.float32))
-    tl.store(RSTD + row, tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps)))
-
-
-@triton.jit
-def _prepare_tile(ptr, rows, row_ok, stride_row, head,
-                  RSTD, W, TA, TB, INV, GEOM0, GEOM1, GEOM2, GEOM3, GEOM4,
-                  HEAD_DIM: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                  ROUND_TABLE: tl.constexpr):
-    """Load a [rows, HEAD_DIM] tile of one head, normalised and rotated, as two halves (a, b) of
-    [rows, HEAD_DIM/2] with q . k = a_q . a_k + b_q . b_k: the even and odd channels for the
-    interleaved RoPE (the pairs), the first and second halves otherwise. The rotation then needs
-    no shuffle and the halves are never re-interleaved. Values are fp32 rounded to bf16 after the
-    norm and after the rotation, as the eager path leaves them."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    j = tl.arange(0, HALF)
-    base = ptr + rows[:, None] * stride_row
-    m = row_ok[:, None]
-    if ROPE == 1:
-        x = tl.load(base + tl.arange(0, HEAD_DIM)[None, :], mask=m, other=0.0).to(tl.float32)
-        a, b = tl.split(tl.reshape(x, [x.shape[0], HALF, 2]))       # channels 2j, 2j + 1
-        ja, jb = 2 * j, 2 * j + 1
+def _tile(acc, m_i, l_i, q, k_desc, v_desc, n0, end, qk_scale,
+          BLOCK_N: tl.constexpr, MASK: tl.constexpr, INTERPRET: tl.constexpr):
+    """One key tile [n0, n0 + BLOCK_N) of the online softmax; MASK only for the partial tile."""
+    k = k_desc.load([n0, 0])
+    if INTERPRET:
+        k = k.to(tl.float32)
+    s = tl.dot(q, k.T)
+    if MASK:
+        s = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    v = v_desc.load([n0, 0])
+    if INTERPRET:
+        acc = tl.dot(round_bf16(p), v.to(tl.float32), acc)
     else:
-        a = tl.load(base + j[None, :], mask=m, other=0.0).to(tl.float32)
-        b = tl.load(base + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
-        ja, jb = j, HALF + j
-    if NORM:
-        r = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
-        wa = tl.load(W + head * HEAD_DIM + ja).to(tl.float32)[None, :]
-        wb = tl.load(W + head * HEAD_DIM + jb).to(tl.float32)[None, :]
-        a = round_bf16(a * r * wa)
-        b = round_bf16(b * r * wb)
-    if ROPE == 1:
-        # Pair j rotates with one axis: row (axis offset + coordinate) of the per-axis tables.
-        c0 = rows // (GEOM1 * GEOM2)
-        c1 = (rows // GEOM2) % GEOM1
-        c2 = rows % GEOM2
-        trow = tl.where(j[None, :] < GEOM3, c0[:, None],
-                        tl.where(j[None, :] < GEOM3 + GEOM4, GEOM0 + c1[:, None],
-                                 GEOM0 + GEOM1 + c2[:, None]))
-        cos = tl.load(TA + trow * HALF + j[None, :], mask=m, other=1.0)
-        sin = tl.load(TB + trow * HALF + j[None, :], mask=m, other=0.0)
-        a, b = (round_bf16(a * cos - b * sin), round_bf16(a * sin + b * cos))
-    elif ROPE == 2:
-        pos = tl.load(TA + rows // GEOM0, mask=row_ok, other=0.0)
-        angle = pos[:, None] * tl.load(INV + j)[None, :]
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
-        if ROUND_TABLE:      # the reference's cos/sin tables are in the activation dtype
-            cos = round_bf16(cos)
-            sin = round_bf16(sin)
-        a, b = (round_bf16(a * cos - b * sin), round_bf16(b * cos + a * sin))
-    return a, b
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _attention_kernel(
-        Q, K, V, O, OP, LSE,                                     # pointers
-        QR, KR, WQ, WK, QA, QB, KA, KB, INV,
-        Lq, Lk, H, KV_CHUNK,                                     # sizes
-        QG0, QG1, QG2, QG3, QG4, KG0, KG1, KG2, KG3, KG4,
-        sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,             # strides (last dim is 1)
-        sob, som, soh,
-        qk_scale,                                                # meta
+        Q, K, V, O, OP, LSE,                                      # pointers
+        Lq, Lk, CHUNK, LOG_SPLITS,                                # sizes
+        sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh,   # strides (last dim 1)
+        qk_scale,                                                 # meta
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROPE: tl.constexpr,
-        ROUND_TABLE: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    d = tl.arange(0, HEAD_DIM)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    qa, qb = _prepare_tile(Q + b * sqb + h * sqh, rows, row_ok, sqm, h,
-                           QR + b * Lq, WQ, QA, QB, INV, QG0, QG1, QG2, QG3, QG4,
-                           HEAD_DIM, NORM_Q, ROPE, ROUND_TABLE)
-    if not INTERPRET:
-        qa = qa.to(tl.bfloat16)
-        qb = qb.to(tl.bfloat16)
+        SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Grid (cdiv(Lq, BLOCK_M) << LOG_SPLITS, H, B). Program (m, split) takes keys
+    [split * CHUNK, min((split + 1) * CHUNK, Lk)); without SPLIT, CHUNK >= Lk."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    split = pid & ((1 << LOG_SPLITS) - 1)
+    m0 = (pid >> LOG_SPLITS) * BLOCK_M
+    bl = b.to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + bl * sqb + h * sqh, [Lq, HEAD_DIM], [sqm, 1],
+                                       [BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + bl * skb + h * skh, [Lk, HEAD_DIM], [skn, 1],
+                                       [BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + bl * svb + h * svh, [Lk, HEAD_DIM], [svn, 1],
+                                       [BLOCK_N, HEAD_DIM])
+    q = q_desc.load([m0, 0])                 # rows past Lq arrive as zeros and are not stored
+    if INTERPRET:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    start = pid_s * KV_CHUNK
-    end = tl.minimum(start + KV_CHUNK, Lk)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        ka, kb = _prepare_tile(K + b * skb + h * skh, cols, col_ok, skn, h,
-                               KR + b * Lk, WK, KA, KB, INV, KG0, KG1, KG2, KG3, KG4,
-                               HEAD_DIM, NORM_K, ROPE, ROUND_TABLE)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + d[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        if INTERPRET:
-            v = v.to(tl.float32)
-        else:
-            ka = ka.to(tl.bfloat16)
-            kb = kb.to(tl.bfloat16)
-        # Scores in fp32 from the two halves, scaled after the dots (as SDPA does; scaling bf16 q
-        # would round again), in log2 units for exp2.
-        s = (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))) * qk_scale   # [BLOCK_M, BLOCK_N]
-        s = tl.where(col_ok[None, :], s, float("-inf"))          # padded keys are not attended
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if INTERPRET:
-            acc += tl.dot(p, v)
-        else:
-            acc += tl.dot(p.to(tl.bfloat16), v)
-        m_i = m_new
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, Lk)
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N      # BLOCK_N is a power of two: shifts
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_desc, v_desc, n0, end, qk_scale,
+                              BLOCK_N, False, INTERPRET)
+    if full_end < end:
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_desc, v_desc, full_end, end, qk_scale,
+                              BLOCK_N, True, INTERPRET)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)                     # an empty split: no keys
-    out = acc / l_safe[:, None]
+    out = acc / l_i[:, None]
     if SPLIT:
-        # Partial results [S, B, H, Lq, D] / [S, B, H, Lq], combined by combine_splits().
-        nbh = tl.num_programs(1)
-        base = (pid_s * nbh + pid_bh) * Lq
-        tl.store(OP + (base + rows[:, None]) * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE + base + rows, m_i + tl.log2(l_safe), mask=row_ok)
+        # Partials [S, B, H, Lq, D] fp32 and lse [S, B, H, Lq] (log2 units, scale included).
+        plane = ((split * tl.num_programs(2) + bl) * tl.num_programs(1) + h) * Lq
+        op_desc = tl.make_tensor_descriptor(OP + plane * HEAD_DIM, [Lq, HEAD_DIM], [HEAD_DIM, 1],
+                                            [BLOCK_M, HEAD_DIM])
+        op_desc.store([m0, 0], out)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        tl.store(LSE + plane + rows, m_i + tl.math.log2(l_i), mask=rows < Lq)
     else:
-        tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :],
-                 round_bf16(out).to(tl.bfloat16), mask=row_ok[:, None])
+        o_desc = tl.make_tensor_descriptor(O + bl * sob + h * soh, [Lq, HEAD_DIM], [som, 1],
+                                           [BLOCK_M, HEAD_DIM])
+        if INTERPRET:
+            out = round_bf16(out)
+        o_desc.store([m0, 0], out.to(tl.bfloat16))
 
 
-def _configs():
-    # Hopper: a 128-row q tile in registers (8 warps), k/v tiles streamed through a
-    # 2-3 stage pipeline; smaller tiles for long-key / short-query splits.
+@triton.jit
+def _combine_kernel(OP, LSE, O,                                   # pointers
+                    Lq, S,                                        # sizes
+                    sob, som, soh,                                # strides
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """Grid (cdiv(Lq, BLOCK_M), H, B): merge the S partial outputs of split-KV (module
+    docstring) into out [B, Lq, H, D] bf16. Every split holds at least one key (the launcher
+    guarantees it), so every lse is finite."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    nb = tl.num_programs(2)
+    nh = tl.num_programs(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < Lq
+    d = tl.arange(0, HEAD_DIM)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(S):
+        plane = ((s * nb + b) * nh + h) * Lq
+        top = tl.maximum(top, tl.load(LSE + plane + rows, mask=ok, other=0.0))
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(S):
+        plane = ((s * nb + b) * nh + h) * Lq
+        w = tl.math.exp2(tl.load(LSE + plane + rows, mask=ok, other=0.0) - top)
+        part = tl.load(OP + (plane + rows)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None],
+                       other=0.0)
+        acc += w[:, None] * part
+        den += w
+    out = acc / den[:, None]
+    if INTERPRET:
+        out = round_bf16(out)
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :], out.to(tl.bfloat16),
+             mask=ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Configs: the autotune space and what fits an SM
+# ---------------------------------------------------------------------------------------------
+REGISTERS_PER_THREAD = 255
+# Registers a thread needs beyond the tiles (addresses, loop state, row statistics): from the
+# ptxas reports of the configs below, with margin (tests check the kept configs do not spill).
+REGISTER_OVERHEAD = 40
+
+
+def shared_bytes(block_m: int, block_n: int, head_dim: int, stages: int, elt: int = 2) -> int:
+    """Shared memory of one program: the q tile and `stages` buffers of the k and v tiles, or the
+    epilogue's staging tile for the TMA store (fp32 partials of split-KV: [BLOCK_M, D] x 4 B),
+    which reuses them; plus 1 KiB for barriers and alignment (an upper bound of the compiled
+    figure; tests compare)."""
+    loop = (block_m + 2 * stages * block_n) * head_dim * elt
+    return max(loop, block_m * head_dim * 4) + 1024
+
+
+def registers_per_thread(block_m: int, block_n: int, head_dim: int, warps: int,
+                         p_bytes: int = 2, accumulators: int = 1) -> int:
+    """fp32 accumulator(s) [BLOCK_M, D] + fp32 scores + p [BLOCK_M, BLOCK_N] spread over the
+    threads, plus the overhead."""
+    words = (accumulators * block_m * head_dim + block_m * block_n
+             + block_m * block_n * p_bytes // 4)
+    return words // (32 * warps) + REGISTER_OVERHEAD
+
+
+def config_fits(cfg: triton.Config, head_dim: int, shared_limit: int = SHARED_MEMORY_LIMIT[90],
+                elt: int = 2, p_bytes: int = 2, accumulators: int = 1) -> bool:
+    """The prune predicate: the tiles fit the SM's shared memory and a thread's registers (a
+    config over either would not launch, or would spill to local memory)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (shared_bytes(bm, bn, head_dim, cfg.num_stages, elt) <= shared_limit
+            and registers_per_thread(bm, bn, head_dim, cfg.num_warps, p_bytes, accumulators)
+            <= REGISTERS_PER_THREAD)
+
+
+def all_configs() -> list:
+    """BLOCK_M 64/128 x BLOCK_N 64/128 x 4/8 warps x 2-4 stages (before pruning)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                                 (128, 32, 8, 3))]
+            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
+def configs_for(head_dim: int, shared_limit: int = SHARED_MEMORY_LIMIT[90]) -> list:
+    return [c for c in all_configs() if config_fits(c, head_dim, shared_limit)]
+
+
+def shared_limit_of(t: torch.Tensor) -> int:
+    """Opt-in shared memory per block of t's device (sm_90's figure off a GPU)."""
+    if t.device.type != "cuda":
+        return SHARED_MEMORY_LIMIT[90]
+    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+
+
+def _prune(configs, named_args, **kwargs):
+    limit = shared_limit_of(named_args["Q"])
+    return [c for c in configs if config_fits(c, kwargs["HEAD_DIM"], limit)]
+
+
+# cache_results: the timings go to Triton's disk cache, so a shape is tuned once, not per process
 _attention_tuned = triton.autotune(
-    configs=_configs(), key=["Lq", "Lk", "HEAD_DIM", "ROPE", "SPLIT"])(_attention_kernel)
-
-INTERPRET_BLOCK = 16   # interpreter tiles: small, so tests cover several blocks and ragged ends
-
-
-def _signature() -> dict:
-    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OP": "*fp32", "LSE": "*fp32",
-            "QR": "*fp32", "KR": "*fp32", "WQ": "*bf16", "WK": "*bf16", "QA": "*fp32",
-            "QB": "*fp32", "KA": "*fp32", "KB": "*fp32", "INV": "*fp32"}
-    ints = ["Lq", "Lk", "H", "KV_CHUNK"] + [f"{s}G{i}" for s in "QK" for i in range(5)] + [
-        f"s{t}{a}" for t, axes in (("q", "bmh"), ("k", "bnh"), ("v", "bnh"), ("o", "bmh"))
-        for a in axes]
-    sig = {**ptrs, **{n: "i32" for n in ints}, "qk_scale": "fp32"}
-    for c in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "NORM_Q", "NORM_K", "ROPE", "ROUND_TABLE",
-              "SPLIT", "INTERPRET"):
-        sig[c] = "constexpr"
-    return sig
-
-
-# Every RoPE variant (and split-KV) at head dim 128 in every autotune config, for compile checks
-# (kernels/_triton.compile_report): the real kernels that a GPU would build.
-COMPILE_CASES = [
-    {"name": f"attention rope={rope} split={split} {cfg.kwargs['BLOCK_M']}x"
-             f"{cfg.kwargs['BLOCK_N']}x{cfg.num_stages}",
-     "kernel": _attention_kernel, "signature": _signature(),
-     "constexprs": dict(HEAD_DIM=128, NORM_Q=True, NORM_K=True, ROPE=rope,
-                        ROUND_TABLE=rope == ROPE_ROTATE_HALF, SPLIT=split, INTERPRET=False,
-                        **cfg.kwargs),
-     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-     # sm_89 (99 KiB of shared memory): only the tiles that can fit there are worth compiling.
-     "archs": (90, 89) if cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_M"] <= 128 * 64 else (90,)}
-    for rope, split in ((ROPE_NONE, False), (ROPE_INTERLEAVED, False),
-                        (ROPE_ROTATE_HALF, False), (ROPE_ROTATE_HALF, True))
-    for cfg in _configs()]
+    configs=all_configs(), key=["Lq", "CHUNK", "HEAD_DIM", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune},
+    cache_results=True)(_attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launcher
+# 4. Launcher and custom op
 # ---------------------------------------------------------------------------------------------
-def _check(name, t, dims, dtype=None):
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-
-
-def rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [B, L, H, D] (rows contiguous over H*D) -> rstd [B, L] fp32 over all heads."""
-    b, l, h, d = x.shape
-    if x.stride(2) != d:
-        raise ValueError("the heads of q/k must be adjacent (a view of [B, L, H*D])")
-    rows = x.as_strided((b * l, h * d), (x.stride(1), 1)) if x.stride(0) == l * x.stride(1) \
-        else None
-    out = torch.empty(b, l, device=x.device, dtype=torch.float32)
-    if rows is None:
-        for i in range(b):
-            out[i] = rms_rstd(x[i:i + 1], eps)[0]
-        return out
-    n = h * d
-    _rms_rstd_kernel[(b * l,)](rows, out, n, x.stride(1), eps,
-                               BLOCK=min(triton.next_power_of_2(n), 4096))
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (queried once, not per attention call)."""
+    """Streaming multiprocessors of the device (queried once, not per call)."""
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_count(batch_heads: int, lq: int, lk: int, sm_count: int = 132) -> int:
-    """Key splits that fill the GPU when queries alone give too few programs: aim for about two
-    programs per SM with at least 1024 keys per split."""
+    """Key splits (a power of two) when the query blocks alone leave SMs idle: about two
+    programs per SM, at least 1024 keys per split."""
     programs = batch_heads * triton.cdiv(lq, 128)
     if programs >= sm_count or lk < 2048:
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, programs), lk // 1024))
+    want = triton.next_power_of_2(triton.cdiv(2 * sm_count, programs))
+    cap = 1 << ((lk // 1024).bit_length() - 1)           # largest power of two <= lk / 1024
+    return min(want, cap)
 
 
-def combine_splits(op: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """op [S, B, H, Lq, D] fp32, lse [S, B, H, Lq] (log2) -> out [B, Lq, H, D] fp32, exactly the
-    softmax over all keys."""
-    top = lse.max(dim=0).values
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp2(lse - top)                                    # [S, B, H, Lq]
-    out = (w[..., None] * op).sum(0) / w.sum(0)[..., None]       # [B, H, Lq, D]
-    return out.transpose(1, 2)
+def split_chunk(lk: int, splits: int) -> tuple:
+    """(splits, keys per split): chunks are multiples of MAX_BLOCK_N, and splits are halved
+    until none is empty."""
+    while True:
+        chunk = triton.cdiv(triton.cdiv(lk, splits), MAX_BLOCK_N) * MAX_BLOCK_N
+        if splits == 1 or (splits - 1) * chunk < lk:
+            return splits, chunk
+        splits //= 2
 
 
-def rope_arguments(q: torch.Tensor, k: torch.Tensor, q_rope, k_rope) -> tuple:
-    """The kernels' RoPE arguments for q [B, Lq, H, D] and k [B, Lk, H, D]: (rope kind, q tables
-    (a, b), q geometry [5], k tables, k geometry, inv_freq or None, round_table). Tables are None
-    without RoPE. Raises ValueError for a description that does not fit."""
-    lq, dh, lk = q.shape[1], q.shape[3], k.shape[1]
-    kinds = {type(r) for r in (q_rope, k_rope) if r is not None}
-    if len(kinds) > 1 or (InterleavedRope in kinds and (q_rope is None or k_rope is None)):
-        raise ValueError("q and k RoPE must be of one kind (interleaved: on both sides)")
-    rope = ROPE_NONE if not kinds else (ROPE_INTERLEAVED if InterleavedRope in kinds
-                                        else ROPE_ROTATE_HALF)
-
-    def side(r, length):
-        if r is None:               # no rotation: position 0 on every token (rotate-half only)
-            return torch.zeros(1, device=q.device), None, [max(length, 1), 1, 1, 0, 0], None
-        if isinstance(r, InterleavedRope):
-            if math.prod(r.axes) != length or sum(r.pairs) != dh // 2:
-                raise ValueError(f"RoPE axes {r.axes} / pairs {r.pairs} do not fit L={length}, "
-                                 f"D={dh}")
-            cos, sin = r.axis_tables()
-            return cos, sin, [*r.axes, r.pairs[0], r.pairs[1]], None
-        if not isinstance(r, RotateHalfRope) or r.head_dim != dh:
-            raise ValueError(f"unsupported RoPE description {r!r} for head dim {dh}")
-        return r.frame_pos, None, [r.tokens_per_frame, 1, 1, 0, 0], r.inv_freq
-
-    qa, qb, qg, inv_q = side(q_rope, lq)
-    ka, kb, kg, inv_k = side(k_rope, lk)
-    inv = inv_q if inv_q is not None else inv_k
-    round_table = rope == ROPE_ROTATE_HALF and next(
-        r for r in (q_rope, k_rope) if r is not None).table_dtype == torch.bfloat16
-    if rope == ROPE_NONE:
-        qa = qb = ka = kb = None
-    return rope, qa, qb, qg, ka, kb, kg, inv, round_table
+@functools.lru_cache(maxsize=None)
+def tma_scratch(device: torch.device):
+    """triton.set_allocator's function for `device`: global memory for the TMA descriptors the
+    kernels build on the device (128 B per descriptor and program)."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return alloc
 
 
-def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None,
-                    splits: int | None = None) -> torch.Tensor:
-    """See the module docstring. q_rope/k_rope: InterleavedRope for both, RotateHalfRope (or None)
-    for each side, or both None. splits: key splits (None: chosen to fill the GPU)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(name, t, 4)
-    bsz, lq, heads, dh = q.shape
-    lk = k.shape[1]
-    if k.shape != (bsz, lk, heads, dh) or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
-        raise ValueError("q, k, v must be bf16 (the kernel reproduces bf16 rounding)")
-    if dh not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {dh} is not supported (16, 32, 64 or 128)")
-    rope, qa, qb, qg, ka, kb, kg, inv, round_table = rope_arguments(q, k, q_rope, k_rope)
+def tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when TMA can address it (16-byte aligned base and strides, last dim contiguous),
+    else a fresh contiguous copy (clone: `.contiguous()` would hand back a contiguous tensor
+    whose base is misaligned)."""
+    elt = t.element_size()
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+          and all((s * elt) % 16 == 0 for s in t.stride()[:-1]))
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def check_qkv(name: str, q, k, v, dtype=torch.bfloat16) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "expected [B, Lq, H, D] and two [B, Lk, H, D]")
+    bsz, lq, heads, d = q.shape
+    if k.shape[0] != bsz or k.shape[2] != heads or k.shape[3] != d:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{name}: head dim {d} is not supported ({HEAD_DIMS})")
+    if not (q.dtype == k.dtype == v.dtype == dtype):
+        raise ValueError(f"{name}: q, k, v must be {dtype}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if lq == 0 or k.shape[1] == 0:
+        raise ValueError(f"{name}: empty sequence (Lq={lq}, Lk={k.shape[1]})")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              splits: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v (module docstring). q [B, Lq, H, D], k/v [B, Lk, H, D] bf16,
+    any strides with a contiguous last dim; D in HEAD_DIMS (32, 64, 128). splits: key splits
+    (rounded down to a power of two; None: chosen to fill the GPU). Returns [B, Lq, H, D]
+    contiguous bf16."""
+    check_qkv("attention", q, k, v)
     if splits is None:
-        splits = 1 if INTERPRET else split_count(bsz * heads, lq, lk, _sm_count(q.device))
-    return torch.ops.mova_rt.fused_attention(q, k, v, wq, wk, eps, rope, qa, qb, ka, kb, inv,
-                                             qg, kg, round_table, splits)
+        splits = split_count(q.shape[0] * q.shape[2], q.shape[1], k.shape[1],
+                             _sm_count(q.device))
+    return torch.ops.mova_rt.attention(q, k, v, 1 << (max(int(splits), 1).bit_length() - 1))
 
 
-@torch.library.custom_op(
-    "mova_rt::fused_attention", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? wq, Tensor? wk, float eps, int rope, "
-           "Tensor? qa, Tensor? qb, Tensor? ka, Tensor? kb, Tensor? inv, int[] q_geom, "
-           "int[] k_geom, bool round_table, int splits) -> Tensor")
-def _fused_attention_op(q, k, v, wq, wk, eps, rope, qa, qb, ka, kb, inv, q_geom, k_geom,
-                        round_table, splits):
-    bsz, lq, heads, dh = q.shape
+def launch_split(kernel_launch, lq: int, lk: int, heads: int, bsz: int, d: int, splits: int,
+                 out: torch.Tensor) -> None:
+    """Shared by the bf16 and fp8 launchers: kernel_launch(op, lse, chunk, log_splits) runs the
+    attention kernel; with more than one split the partials are merged into out."""
+    dev = out.device
+    splits, chunk = split_chunk(lk, splits)
+    if splits == 1:
+        kernel_launch(out, out, max(lk, 1), 0)
+        return
+    op = torch.empty(splits, bsz, heads, lq, d, device=dev, dtype=torch.float32)
+    lse = torch.empty(splits, bsz, heads, lq, device=dev, dtype=torch.float32)
+    kernel_launch(op, lse, chunk, splits.bit_length() - 1)
+    _combine_kernel[(triton.cdiv(lq, COMBINE_BLOCK_M), heads, bsz)](
+        op, lse, out, lq, splits, out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=d, BLOCK_M=COMBINE_BLOCK_M, INTERPRET=INTERPRET, num_warps=4)
+
+
+@torch.library.custom_op("mova_rt::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
+    q, k, v = tma_ready(q), tma_ready(k), tma_ready(v)
+    bsz, lq, heads, d = q.shape
     lk = k.shape[1]
-    dev = q.device
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
-    qr = rms_rstd(q, eps) if wq is not None else dummy
-    kr = rms_rstd(k, eps) if wk is not None else dummy
-    chunk = triton.cdiv(triton.cdiv(lk, max(splits, 1)), 128) * 128
-    s = max(triton.cdiv(lk, chunk), 1)
-    out = torch.empty(bsz, lq, heads, dh, device=dev, dtype=q.dtype)
-    op = lse = dummy
-    if s > 1:
-        op = torch.empty(s, bsz, heads, lq, dh, device=dev, dtype=torch.float32)
-        lse = torch.empty(s, bsz, heads, lq, device=dev, dtype=torch.float32)
+    out = torch.empty(bsz, lq, heads, d, device=q.device, dtype=q.dtype)
+    if not INTERPRET:
+        triton.set_allocator(tma_scratch(q.device))
+    scale = LOG2E / math.sqrt(d)
 
-    def opt(t):
-        return dummy if t is None else t
-    args = (q, k, v, out, op, lse, qr, kr, opt(wq), opt(wk), opt(qa), opt(qb), opt(ka), opt(kb),
-            opt(inv), lq, lk, heads, chunk, *q_geom, *k_geom,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            LOG2E / math.sqrt(dh))
-    meta = dict(HEAD_DIM=dh, NORM_Q=wq is not None, NORM_K=wk is not None, ROPE=rope,
-                ROUND_TABLE=round_table, SPLIT=s > 1, INTERPRET=INTERPRET)
-    if INTERPRET:
-        grid = (triton.cdiv(lq, INTERPRET_BLOCK), bsz * heads, s)
-        _attention_kernel[grid](*args, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, **meta)
-    else:
-        grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), bsz * heads, s)  # noqa: E731
-        _attention_tuned[grid](*args, **meta)
-    if s > 1:
-        out.copy_(combine_splits(op, lse))
+    def run(op, lse, chunk, log_splits):
+        args = (q, k, v, out, op, lse, lq, lk, chunk, log_splits,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+                out.stride(2), scale)
+        meta = dict(HEAD_DIM=d, SPLIT=log_splits > 0, INTERPRET=INTERPRET)
+        if INTERPRET:   # one config: @triton.autotune with several needs a GPU
+            grid = (triton.cdiv(lq, INTERPRET_BLOCK_M) << log_splits, heads, bsz)
+            _attention_kernel[grid](*args, BLOCK_M=INTERPRET_BLOCK_M,
+                                    BLOCK_N=INTERPRET_BLOCK_N, **meta)
+        else:
+            grid = lambda c: (triton.cdiv(lq, c["BLOCK_M"]) << log_splits, heads, bsz)  # noqa
+            _attention_tuned[grid](*args, **meta)
+
+    launch_split(run, lq, lk, heads, bsz, d, splits, out)
     return out
 
 
-@_fused_attention_op.register_fake
-def _(q, k, v, wq, wk, eps, rope, qa, qb, ka, kb, inv, q_geom, k_geom, round_table, splits):
-    return q.new_empty(q.shape)
+@_attention_op.register_fake
+def _(q, k, v, splits):
+    return q.new_empty(q.shape[:3] + (v.shape[3],))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The fused entry point the kernel sets call (q/k RMSNorm + RoPE in PyTorch, then the kernel)
+# ---------------------------------------------------------------------------------------------
+def fused_attention(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None):
+    """q/k RMSNorm over all heads (weights wq/wk, or None: none) and RoPE (InterleavedRope on both
+    sides, in float32 as the `sdpa` set; RotateHalfRope or None per side), as the eager path does
+    them, then attention(). q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 -> bf16."""
+    from ..ops import rms_norm_heads, rope_interleaved_f32
+    from ..rope import InterleavedRope, apply_rope_rotate_half
+
+    if wq is not None:
+        q = rms_norm_heads(q, wq, eps)
+    if wk is not None:
+        k = rms_norm_heads(k, wk, eps)
+    if isinstance(q_rope, InterleavedRope) or isinstance(k_rope, InterleavedRope):
+        if not (isinstance(q_rope, InterleavedRope) and isinstance(k_rope, InterleavedRope)):
+            raise ValueError("interleaved RoPE must be given for both q and k")
+        q = rope_interleaved_f32(q, *q_rope.tables())
+        k = rope_interleaved_f32(k, *k_rope.tables())
+    else:
+        if q_rope is not None:
+            q = apply_rope_rotate_half(q, *q_rope.tables())
+        if k_rope is not None:
+            k = apply_rope_rotate_half(k, *k_rope.tables())
+    return attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Compile cases: every variant a GPU would build (kernels/_triton.compile_report)
+# ---------------------------------------------------------------------------------------------
+def _signature(kernel, ptr_types: dict, constexprs) -> dict:
+    """Every argument of `kernel`: pointers typed from ptr_types, constexprs as such, the other
+    scalars i32 except fp32 `*scale*` arguments."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+    return sig
+
+
+def small_and_large(head_dim: int, configs: list) -> list:
+    """The configs compile-checked at a head dim: all at D = 128; the first and the last (the
+    largest tiles and stages) at D = 64; the first at D = 32."""
+    if head_dim == 128:
+        return configs
+    return configs[:1] if head_dim == 32 else [configs[0], configs[-1]]
+
+
+_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OP": "*fp32", "LSE": "*fp32"}
+
+
+def _cases() -> list:
+    """Every config x {unsplit, split} at D = 128 (every MOVA attention); at D = 64 the smallest
+    and the largest tiles x {unsplit, split}, at D = 32 (the tiny test model) the smallest
+    unsplit (MOVA runs neither; a compile check costs ~1 s); the combine kernel."""
+    cases = []
+    for d in HEAD_DIMS:
+        for cfg in small_and_large(d, configs_for(d)):
+            for split in (False, True) if d > 32 else (False,):
+                consts = dict(HEAD_DIM=d, SPLIT=split, INTERPRET=False, **cfg.kwargs)
+                cases.append({
+                    "name": f"attention d={d} split={int(split)} {cfg.kwargs['BLOCK_M']}x"
+                            f"{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+                    "kernel": _attention_kernel, "signature": _signature(
+                        _attention_kernel, _PTRS, consts),
+                    "constexprs": consts, "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages, "archs": (90,)})
+        consts = dict(HEAD_DIM=d, BLOCK_M=COMBINE_BLOCK_M, INTERPRET=False)
+        cases.append({"name": f"combine d={d}", "kernel": _combine_kernel,
+                      "signature": _signature(_combine_kernel, _PTRS, consts),
+                      "constexprs": consts, "num_warps": 4, "num_stages": 1, "archs": (90,)})
+    return cases
+
+
+COMPILE_CASES = _cases()

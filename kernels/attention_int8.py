@@ -17,9 +17,9 @@ Shapes: q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 (rows strided as the model's vie
 [B, Lq, H, D] bf16.
 
 The DiTs and the bridge reach it through `fused_attention_int8` (the kernel set
-`triton-int8attn`): q/k RMSNorm and RoPE fused with the quantization, as in the bf16 kernel of
-kernels/attention.py (same tile code, `_prepare_tile`), in a prologue kernel per side that reads
-the bf16 projection once and writes int8 + one scale per block:
+`triton-int8attn`): q/k RMSNorm and RoPE fused with the quantization (the tile code of
+kernels/rope_tiles.py, `_prepare_tile`), in a prologue kernel per side that reads the bf16
+projection once and writes int8 + one scale per block:
 
     k: pass 1 sums the normalised, rotated k per block (fp32 partials -> the mean over L);
        pass 2 normalises and rotates again, subtracts the mean, quantizes
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..rope import InterleavedRope
 from ._triton import INTERPRET
-from .attention import (ROPE_INTERLEAVED, ROPE_NONE, _prepare_tile, rms_rstd, rope_arguments)
+from .rope_tiles import (ROPE_INTERLEAVED, ROPE_NONE, _prepare_tile, rms_rstd, rope_arguments)
 
 INT8_MAX = 127.0
 LOG2E = 1.4426950408889634
@@ -270,8 +270,9 @@ def _prologue(x, w, eps, rope_kind, ta, tb, inv, geom, round_table, block, smoot
 def fused_attention_int8(q, k, v, wq=None, wk=None, eps: float = 1e-6, q_rope=None, k_rope=None,
                          smooth: bool = True) -> torch.Tensor:
     """8-bit attention of the raw projections: q/k RMSNorm over all heads (weights wq/wk, or
-    None), RoPE (as kernels.attention.fused_attention takes it), k smoothed, int8 per block, then
-    the int8 kernel. q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 (views of [B, L, H*D]) -> bf16."""
+    None), RoPE (InterleavedRope for both, RotateHalfRope or None per side), k smoothed, int8 per
+    block, then the int8 kernel. q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 (views of [B, L, H*D])
+    -> bf16."""
     bsz, lq, h, d = q.shape
     lk = k.shape[1]
     if d not in (32, 64, 128) or k.shape != (bsz, lk, h, d) or v.shape != k.shape:

@@ -1,175 +1,213 @@
-"""The fused attention kernel (norm + RoPE + attention) through the Triton interpreter against the
-exact PyTorch composition, the compile check for real GPUs, and the whole tiny model on the
-`triton` kernel set against `reference`.
+"""The bf16 attention kernel (kernels/attention.py) through the Triton interpreter against an fp32
+truth, its split-KV path, the thin fused_attention (q/k norm + RoPE in PyTorch, then the kernel),
+and the sm_90 code of every variant compiled on the CPU.
 
-Tolerance (style.md 6): err(kernel, fp32 truth) <= 2 * err(torch bf16, fp32 truth) + 1e-3, where
-the truth runs the eager steps (bf16 norm and RoPE roundings included) with fp32 attention, and
-"torch bf16" is PyTorch's own bf16 SDPA on the same inputs."""
+Tolerance (style.md 6): err(kernel, fp32 truth) <= 2 * err(torch bf16 SDPA, fp32 truth) + 1e-3
+(max abs), the truth being attention_ref on the same bf16 inputs in fp32. The interpreter runs
+32 x 32 tiles, so the shapes below cover several query blocks, full key tiles and ragged ends.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import triton_compile_report
-from mova_rt.ops import (apply_rope_rotate_half, resolve, rms_norm_heads, rope_interleaved_f64)
+from mova_rt.ops import apply_rope_rotate_half, resolve, rms_norm_heads, rope_interleaved_f32
 from mova_rt.rope import InterleavedRope, RotateHalfRope
 
 attention = pytest.importorskip("mova_rt.kernels.attention")
 BF16 = torch.bfloat16
+MOVA_CONFIG = "attention d=128 split=0 128x128 w8 s2"
+
+
+def qkv_inputs(b, lq, lk, h, d, seed=0, std=1.0):
+    """q, k, v as the model hands them over: k and v strided views of one projection
+    [B, Lk, 3*H*D] (q too when Lq == Lk), values like normalised q/k (std ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    fused = (torch.randn(b, lk, 3, h, d, generator=g) * std).to(BF16)
+    k, v = fused[:, :, 1], fused[:, :, 2]
+    q = fused[:, :, 0] if lq == lk else (torch.randn(b, lq, h, d, generator=g) * std).to(BF16)
+    return q, k, v
+
+
+def sdpa(q, k, v, dtype):
+    return F.scaled_dot_product_attention(
+        *(x.transpose(1, 2).to(dtype) for x in (q, k, v))).transpose(1, 2)
+
+
+def check_against_truth(out, q, k, v, atol=1e-3):
+    """style.md 6 against the fp32 truth; returns (kernel error, torch bf16 error), max abs."""
+    truth = attention.attention_ref(q.float(), k.float(), v.float())
+    torch_err = (sdpa(q, k, v, BF16).float() - truth).abs().max().item()
+    err = (out.float() - truth).abs()
+    assert out.shape == q.shape[:3] + (v.shape[3],) and out.dtype == BF16
+    assert out.is_contiguous()
+    assert err.max().item() <= 2 * torch_err + atol, (
+        f"max err {err.max().item():.3g} (mean {err.mean().item():.3g}) vs torch bf16 "
+        f"{torch_err:.3g}")
+    return err.max().item(), torch_err
+
+
+@pytest.mark.parametrize("b, lq, lk, h, d", [
+    (1, 97, 97, 2, 128),        # self-attention on views of a fused q|k|v projection
+    (1, 130, 403, 1, 128),      # MOVA's 403 audio tokens as keys (a2v-like)
+    (2, 33, 1025, 1, 64),       # batch 2, head dim 64, one key past a tile boundary
+])
+def test_matches_fp32_truth(b, lq, lk, h, d):
+    q, k, v = qkv_inputs(b, lq, lk, h, d, seed=lq + lk)
+    err, torch_err = check_against_truth(attention.attention(q, k, v), q, k, v)
+    print(f"{b}x{lq}x{lk}x{h}x{d}: max err {err:.3g}, torch bf16 {torch_err:.3g}")
+
+
+def test_split_kv_matches_truth_and_one_pass():
+    """Few queries over many keys (v2a): 4 key splits combine to the one-pass result."""
+    q, k, v = qkv_inputs(1, 19, 1025, 2, 128, seed=4)
+    one = attention.attention(q, k, v, splits=1)
+    split = attention.attention(q, k, v, splits=4)
+    err, torch_err = check_against_truth(split, q, k, v)
+    print(f"split-KV 19x1025: max err {err:.3g}, torch bf16 {torch_err:.3g}")
+    assert (split.float() - one.float()).abs().max().item() <= 2 * torch_err
 
 
 def _prepared(q, k, wq, wk, eps, q_rope, k_rope):
-    """The eager path's normalised and rotated q, k (bf16)."""
-    if wq is not None:
-        q = rms_norm_heads(q, wq, eps)
-    if wk is not None:
-        k = rms_norm_heads(k, wk, eps)
+    """The eager path's normalised and rotated q, k (bf16), as the composed kernel sets do it."""
+    q, k = rms_norm_heads(q, wq, eps), rms_norm_heads(k, wk, eps)
     if isinstance(q_rope, InterleavedRope):
-        q = rope_interleaved_f64(q, *q_rope.tables())
-        k = rope_interleaved_f64(k, *k_rope.tables())
-    else:
-        if q_rope is not None:
-            q = apply_rope_rotate_half(q, *q_rope.tables())
-        if k_rope is not None:
-            k = apply_rope_rotate_half(k, *k_rope.tables())
+        return rope_interleaved_f32(q, *q_rope.tables()), rope_interleaved_f32(k, *k_rope.tables())
+    if q_rope is not None:
+        q = apply_rope_rotate_half(q, *q_rope.tables())
+    if k_rope is not None:
+        k = apply_rope_rotate_half(k, *k_rope.tables())
     return q, k
 
 
-def _sdpa(q, k, v, dtype):
-    out = F.scaled_dot_product_attention(*(x.transpose(1, 2).to(dtype) for x in (q, k, v)))
-    return out.transpose(1, 2)
+@pytest.mark.parametrize("case", ["video-3d-rope", "bridge-rotate-half"])
+def test_fused_attention_norm_rope_then_kernel(case):
+    """The kernel sets' entry point: RMSNorm over heads + RoPE (PyTorch) then the kernel, against
+    the same prologue with fp32 attention."""
+    if case == "video-3d-rope":
+        q, k, v = qkv_inputs(1, 60, 60, 2, 128, seed=7, std=2.0)
+        q_rope = k_rope = InterleavedRope.video(128, (3, 4, 5), "cpu")
+    else:
+        q, k, v = qkv_inputs(1, 40, 65, 2, 128, seed=8, std=2.0)
+        q_rope = RotateHalfRope(torch.arange(40).float(), 1, 128, BF16)
+        k_rope = RotateHalfRope(torch.arange(5).float() * 8.33, 13, 128, BF16)
+    g = torch.Generator().manual_seed(9)
+    wq, wk = ((1 + 0.2 * torch.randn(2 * 128, generator=g)).to(BF16) for _ in range(2))
+    out = attention.fused_attention(q, k, v, wq, wk, 1e-6, q_rope, k_rope)
+    qp, kp = _prepared(q, k, wq, wk, 1e-6, q_rope, k_rope)
+    check_against_truth(out, qp, kp, v)
 
 
-def _check(out, q, k, v, wq, wk, eps, q_rope, k_rope):
-    qp, kp = _prepared(q, k, wq, wk, eps, q_rope, k_rope)
-    truth = _sdpa(qp, kp, v, torch.float32)
-    torch_err = (_sdpa(qp, kp, v, BF16).float() - truth).abs().max().item()
-    err = (out.float() - truth).abs()
-    assert out.shape == q.shape and out.dtype == BF16
-    assert err.max().item() <= 2 * torch_err + 1e-3, (
-        f"max err {err.max().item():.3g} (mean {err.mean().item():.3g}) vs torch bf16 "
-        f"{torch_err:.3g}")
+def test_split_count_and_chunks():
+    assert attention.split_count(12, 403, 43120, 132) == 8          # v2a: 48 query programs
+    assert attention.split_count(40, 43120, 43120, 132) == 1        # self-attention
+    assert attention.split_count(40, 43120, 403, 132) == 1          # a2v: few keys
+    assert attention.split_count(1, 512, 3000, 132) == 2            # capped: >= 1024 keys each
+    for lk, splits in ((43120, 8), (2100, 16), (1025, 4), (128, 2)):
+        s, chunk = attention.split_chunk(lk, splits)
+        assert chunk % attention.MAX_BLOCK_N == 0 and (s - 1) * chunk < lk <= s * chunk, (lk, s)
+        assert s & (s - 1) == 0
 
 
-def _inputs(b, lq, lk, h, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(b, lq, h * d, generator=g) * 2).to(BF16).view(b, lq, h, d)
-    k = (torch.randn(b, lk, h * d, generator=g) * 2).to(BF16).view(b, lk, h, d)
-    v = torch.randn(b, lk, h, d, generator=g).to(BF16)
-    wq = (1 + 0.2 * torch.randn(h * d, generator=g)).to(BF16)
-    wk = (1 + 0.2 * torch.randn(h * d, generator=g)).to(BF16)
-    return q, k, v, wq, wk
-
-
-@pytest.mark.parametrize("grid, heads, d", [((3, 2, 5), 2, 32), ((2, 3, 7), 1, 128),
-                                            ((5, 1, 1), 2, 32)])
-def test_self_attention_3d_rope(grid, heads, d):
-    """Video self-attention: 3D interleaved RoPE, lengths not multiples of the 16-row tiles."""
-    length = grid[0] * grid[1] * grid[2]
-    q, k, v, wq, wk = _inputs(1, length, length, heads, d)
-    rope = InterleavedRope.video(d, grid, "cpu")
-    out = attention.fused_attention(q, k, v, wq, wk, 1e-6, rope, rope)
-    _check(out, q, k, v, wq, wk, 1e-6, rope, rope)
-
-
-def test_self_attention_audio_1d_rope_403():
-    """The audio tower's 1D RoPE through the same kernel, at MOVA's real 403 audio tokens."""
-    q, k, v, wq, wk = _inputs(1, 403, 403, 1, 32, seed=1)
-    rope = InterleavedRope.audio(32, 403, "cpu")
-    out = attention.fused_attention(q, k, v, wq, wk, 1e-6, rope, rope)
-    _check(out, q, k, v, wq, wk, 1e-6, rope, rope)
-
-
-@pytest.mark.parametrize("first_frame_bias", [False, True])
-def test_bridge_attention_both_ways(first_frame_bias):
-    """a2v (video queries x audio keys) and v2a (audio x video) with rotate-half RoPE and the
-    aligned fractional positions computed in the kernel."""
-    import dataclasses
-
-    from mova_rt.config import preset_config
-    from mova_rt.models.bridge import Bridge
-
-    cfg = dataclasses.replace(preset_config("tiny").bridge,
-                              apply_first_frame_bias_in_rope=first_frame_bias)
-    with torch.device("meta"):
-        bridge = Bridge(cfg, resolve("reference"))
-    grid, la = (5, 2, 3), 37
-    vr, ar = bridge.rope(grid, la, 24.0, BF16, "cpu")
-    d = cfg.head_dim
-    q, k, v, wq, wk = _inputs(2, 30, la, 2, d, seed=2)
-    _check(attention.fused_attention(q, k, v, wq, wk, 1e-6, vr, ar), q, k, v, wq, wk, 1e-6, vr, ar)
-    q, k, v, wq, wk = _inputs(1, la, 30, 2, d, seed=3)
-    _check(attention.fused_attention(q, k, v, wq, wk, 1e-6, ar, vr), q, k, v, wq, wk, 1e-6, ar, vr)
-
-
-def test_split_kv_equals_one_pass():
-    """Few queries over many keys (v2a): split-KV partials combine to the one-pass result."""
-    q, k, v, wq, wk = _inputs(1, 19, 403, 2, 32, seed=4)
-    qr = RotateHalfRope(torch.arange(19).float(), 1, 32, BF16)
-    kr = RotateHalfRope(torch.arange(31).float() * 8.33, 13, 32, BF16)      # 31 x 13 = 403 keys
-    one = attention.fused_attention(q, k, v, wq, wk, 1e-6, qr, kr, splits=1)
-    split = attention.fused_attention(q, k, v, wq, wk, 1e-6, qr, kr, splits=3)
-    _check(split, q, k, v, wq, wk, 1e-6, qr, kr)
-    assert (split.float() - one.float()).abs().max().item() <= 2 ** -7
-
-
-def test_text_cross_attention_no_rope_512_keys():
-    q, k, v, wq, wk = _inputs(1, 21, 512, 2, 32, seed=5)
-    out = attention.fused_attention(q, k, v, wq, wk, 1e-6)
-    _check(out, q, k, v, wq, wk, 1e-6, None, None)
-
-
-def test_split_count_fills_the_gpu():
-    assert attention.split_count(12, 403, 43120, 132) > 1          # v2a: 48 programs
-    assert attention.split_count(40, 43120, 43120, 132) == 1       # self-attention
-    assert attention.split_count(40, 43120, 403, 132) == 1         # a2v: few keys
+def test_tma_ready_copies_only_what_tma_cannot_address():
+    q, k, v = qkv_inputs(1, 16, 16, 2, 64)
+    assert attention.tma_ready(k) is k                          # a strided view, aligned
+    flat = torch.randn(1 + 16 * 2 * 64).to(BF16)
+    shifted = flat[1:].view(1, 16, 2, 64)                       # contiguous, base 2 B off
+    fixed = attention.tma_ready(shifted)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, shifted)
+    odd = torch.randn(1, 16, 2, 68).to(BF16)[..., :64]          # rows of 136 B
+    assert attention.tma_ready(odd).stride(1) == 128
 
 
 def test_bad_input_is_refused():
-    q, k, v, wq, wk = _inputs(1, 8, 8, 2, 32)
-    with pytest.raises(ValueError, match="bf16"):
-        attention.fused_attention(q.float(), k.float(), v.float())
+    q, k, v = qkv_inputs(1, 8, 8, 2, 64)
+    with pytest.raises(ValueError, match="bfloat16"):
+        attention.attention(q.float(), k.float(), v.float())
     with pytest.raises(ValueError, match="disagree"):
-        attention.fused_attention(q, k[:, :, :1], v)
-    with pytest.raises(ValueError, match="do not fit"):
-        rope = InterleavedRope.video(32, (3, 1, 1), "cpu")
-        attention.fused_attention(q, k, v, wq, wk, 1e-6, rope, rope)
+        attention.attention(q, k[:, :, :1], v[:, :, :1])
+    with pytest.raises(ValueError, match="head dim"):
+        attention.attention(q[..., :48], k[..., :48], v[..., :48])
+
+
+def test_custom_op_has_a_fake():
+    """register_fake: shape propagation without running the kernel (torch.compile's view)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 403, 12, 128, dtype=BF16)
+        k = torch.empty(2, 43120, 12, 128, dtype=BF16)
+        out = torch.ops.mova_rt.attention(q, k, k, 8)
+    assert out.shape == (2, 403, 12, 128) and out.dtype == BF16
 
 
 # ---------------------------------------------------------------------------------------------
-# Compile for real GPUs (no GPU needed)
+# The sm_90 code of every variant (no GPU needed)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compiled():
-    """Every COMPILE_CASES entry built for sm_90 and sm_89, in a fresh process without
-    TRITON_INTERPRET (under it @triton.jit yields interpreter functions)."""
-    return triton_compile_report('mova_rt.kernels.attention')
+    """Every COMPILE_CASES entry built afresh for sm_90 in a process without TRITON_INTERPRET,
+    with the ptxas -v log of the build; the MOVA config also through the CUDA toolkit's ptxas."""
+    return triton_compile_report("mova_rt.kernels.attention", archs=(90,), details=True, jobs=2,
+                                 toolkit_ptxas=(MOVA_CONFIG,))
 
 
-def test_compiles_for_sm90_every_config_fits_and_uses_wgmma(compiled):
-    rows = [r for r in compiled if r["arch"] == 90]
-    assert len(rows) == len(attention.COMPILE_CASES)
-    for r in rows:
-        assert r["shared"] <= r["limit"] and r["wgmma"], r
-
-
-def test_compiles_for_sm89_some_config_fits_each_variant(compiled):
-    """On sm_89 (99 KiB of shared memory) the autotuner skips the configs that do not fit; every
-    RoPE variant keeps at least one that does."""
-    variants = {}
+def test_every_variant_has_the_hopper_properties(compiled):
+    """Every autotune config, split and not: wgmma (bf16) in the key loop and no pre-Hopper mma,
+    no spills or local memory, no integer division anywhere, no division in the loop, shared
+    memory within the SM and under the prune predicate's estimate."""
+    assert len(compiled) == len(attention.COMPILE_CASES)
     for r in compiled:
-        if r["arch"] == 89:
-            variants.setdefault(r["name"].rsplit(" ", 1)[0], []).append(r["shared"] <= r["limit"])
-    assert len(variants) == 4 and all(any(v) for v in variants.values()), variants
+        print(f"{r['name']:42s} regs {r['registers']:3d} shared {r['shared']:6d} "
+              f"wgmma/loop {r['loop_wgmma_count']}")
+        assert r["shared"] <= r["limit"], r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, r
+        assert r["local_insts"] == 0 and r["int_div"] == 0, r
+        if r["name"].startswith("attention"):
+            assert r["loop_found"] and r["loop_wgmma"] == ["bf16.bf16"], r
+            assert r["loop_mma_sync"] == 0 and r["loop_float_div"] == 0, r
+            bm, bn = (int(x) for x in r["name"].split()[3].split("x"))
+            d = int(r["name"].split()[1][2:])
+            stages = int(r["name"].split()[5][1:])
+            assert r["shared"] <= attention.shared_bytes(bm, bn, d, stages), r
+
+
+def test_toolkit_ptxas_agrees(compiled):
+    """The CUDA toolkit's ptxas (-arch=sm_90a) on the MOVA config's PTX: no spills either."""
+    row = next(r for r in compiled if r["name"] == MOVA_CONFIG)
+    tk = row["toolkit_ptxas"]
+    print(f"{MOVA_CONFIG}: Triton's ptxas {row['registers']} registers, toolkit ptxas "
+          f"{tk['ptxas']}: {tk['registers']}")
+    assert tk["spill_stores"] == tk["spill_loads"] == tk["stack"] == 0, tk
+
+
+def test_prune_keeps_the_big_tiles_and_drops_only_what_cannot_fit():
+    from mova_rt.kernels._triton import SHARED_MEMORY_LIMIT
+
+    space = attention.all_configs()
+    assert len(space) == 24
+    for d in attention.HEAD_DIMS:
+        kept = attention.configs_for(d)
+        keys = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in kept}
+        assert (128, 128, 8, 2) in keys and (64, 64, 4, 3) in keys
+        for c in space:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            over = (attention.shared_bytes(bm, bn, d, c.num_stages) > SHARED_MEMORY_LIMIT[90]
+                    or attention.registers_per_thread(bm, bn, d, c.num_warps) > 255)
+            assert (c in kept) == (not over)
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole tiny model
+# The whole tiny model on the `triton` kernel set
 # ---------------------------------------------------------------------------------------------
 def test_tiny_model_triton_against_reference():
     """One joint forward of the tiny model (random bf16 weights) on `triton` vs `reference`:
-    relative error <= 1e-2 (the issue's target), and no worse than twice the reference path's
-    own bf16 error against the same weights in fp32."""
+    relative error <= 1e-2, and no worse than twice the reference path's own bf16 error against
+    the same weights in fp32."""
+    import copy
+
     from mova_rt.benchmarks.bench_step import build_shared_weights, make_inputs
     from mova_rt.benchmarks.configs import eager_runner
     from mova_rt.benchmarks.flops import clip_shapes
@@ -184,6 +222,7 @@ def test_tiny_model_triton_against_reference():
     sched = FlowMatchScheduler(cfg.scheduler, 50)
     x = torch.cat([inp["latents"], inp["condition"]], 1)
     t = torch.tensor([900.0])
+    assert resolve("triton") is not None
 
     def forward(kernels, weights=shared, text=inp["pos"]):
         r = eager_runner(kernels)(weights, cfg, sched, 5.0, 24.0)
@@ -192,14 +231,9 @@ def test_tiny_model_triton_against_reference():
 
     ref = forward("reference")
     tri = forward("triton")
-    fp32 = forward("reference", {k: m.float() for k, m in
-                                 ((k, _copy(m)) for k, m in shared.items())}, inp["pos"].float())
+    fp32 = forward("reference", {k: copy.deepcopy(m).float() for k, m in shared.items()},
+                   inp["pos"].float())
     for r, k, f in zip(ref, tri, fp32):
         rel = ((k - r).norm() / r.norm()).item()
         assert rel <= 1e-2, rel
         assert (k - f).norm() <= 2 * (r - f).norm() + 1e-6
-
-
-def _copy(module):
-    import copy
-    return copy.deepcopy(module)

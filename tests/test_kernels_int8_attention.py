@@ -118,7 +118,7 @@ def test_fused_prologue_matches_norm_rope_then_quantize(case):
     """The prologue kernel (RMSNorm + RoPE + smoothing + int8 per block in one read of the bf16
     projection) against the same steps in PyTorch, q and k sides, every RoPE variant; then the
     whole fused attention against the plain 8-bit attention of the normalised, rotated q/k."""
-    from mova_rt.kernels.attention import rope_arguments
+    from mova_rt.kernels.rope_tiles import rope_arguments
     from mova_rt.ops import _REGISTRY, compose_cross_attention, compose_self_attention
 
     qshape, kshape, ropes = _rope_cases()[case]
