@@ -184,6 +184,8 @@ register("fp8", "what generate --precision fp8 runs by default: auto's kernels, 
 register("fp8-int8attn", "as fp8 with the triton kernels and 8-bit attention (int8 q/k per "
          "block, k smoothed, norm + RoPE fused in the quantizing prologue)")(
     fp8_runner("triton-int8attn", "auto"))
+register("fp8-attn8", "as fp8, with mova-rt's 8-bit attention (e4m3 q, k, v and probabilities, "
+         "both products on fp8 tensor cores): the full 8-bit path")(fp8_runner("fp8attn", "auto"))
 register("fp8-cublas", "reference kernels with every quantizable Linear layer in e4m3 through "
          "torch._scaled_mm (cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
 

@@ -11,19 +11,22 @@
 # installed mova_rt with $PYTHON (default python3).
 #
 # Parts, in order of value (a part cut off by its limit or the budget reports itself and the
-# next still runs; what does not fit in the budget left is reported as skipped):
-#   gpu_tests  tests/test_kernels_gpu.py at full size: each kernel against an fp32 truth, and the
-#              profiler's kernel names of what auto runs (a silent fallback fails)
+# next still runs; what does not fit in the budget left is reported as skipped; --parts names a
+# subset, e.g. the ones an earlier run skipped):
 #   steps      mova-rt bench: reference, auto, fp8, each in its own process, its own limit, with
 #              the per-forward error of each against reference on the same weights (per tower)
-#   ops        mova-rt bench --ops at the preset's shapes (every backend of every op)
-#   compile    mova-rt bench: generate --compile's configuration (its own limit: it compiles)
+#   ops        mova-rt bench --ops at the preset's shapes (every backend of every op, our Triton
+#              and fp8 attention kernels against cuDNN included)
+#   gpu_tests  tests/test_kernels_gpu.py at full size: each kernel against an fp32 truth, and the
+#              profiler's kernel names of what auto runs (a silent fallback fails)
 #   offload    mova-rt bench: offload-group under --vram-budget 24
+#   compile    mova-rt bench: generate --compile's configuration (its own limit: it compiles)
+#   attn8      mova-rt bench: fp8-attn8 (fp8 GEMMs and 8-bit attention) with its forward error
 #   tables     the auto kernel table and the fp8 dispatch table rebuilt from this run's ops
 # then `python -m mova_rt.benchmarks.device_summary OUTDIR` writes summary.json / summary.md.
 #
 # OUTDIR ends up with at most 8 files (what the device tool brings back): log.txt, ops.json,
-# steps.json, compile.json, offload.json, summary.json, summary.md.
+# steps.json, compile.json, offload.json, attn8.json, summary.json, summary.md.
 set -uo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: bash benchmarks/device_check.sh OUTDIR [--preset P --device D]" >&2
@@ -33,13 +36,22 @@ out=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "error: cannot create $1" >&2; 
 shift
 preset=mova-360p
 device=""
+all_parts=steps,ops,gpu_tests,offload,compile,attn8,tables
+parts=$all_parts
 while [ $# -gt 0 ]; do
     case "$1" in
         --preset) preset=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
-        *) echo "error: unknown argument $1 (use --preset P, --device D)" >&2; exit 2 ;;
+        --parts) parts=$2; shift 2 ;;
+        *) echo "error: unknown argument $1 (use --preset P, --device D, --parts $all_parts)" >&2
+           exit 2 ;;
     esac
 done
+for p in ${parts//,/ }; do
+    case ",$all_parts," in *",$p,"*) ;; *) echo "error: unknown part $p (parts: $all_parts)" >&2
+                                            exit 2 ;; esac
+done
+wanted() { case ",$parts," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 budget=${MOVA_CHECK_BUDGET:-540}
 start=$(date +%s)
@@ -109,18 +121,23 @@ bench=("$PY" -m mova_rt bench --preset "$preset" "${dev[@]}" --no-progress)
 if [ $smoke = 1 ]; then per=60; steps=(--warmup 1 --steps 1); budget_flag=()
 else per=75; steps=(--warmup 1 --steps 2); budget_flag=(--vram-budget 24); fi
 
-part gpu_tests 90 env TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider \
-    "$root/tests/test_kernels_gpu.py" --junitxml "$work/gpu_tests.xml"
-part steps $(( 3 * per + 30 )) "${bench[@]}" --configs reference,auto,fp8 "${steps[@]}" \
-    --config-timeout "$per" --forward-error --json "$out/steps.json" --chart "$work/steps.png"
-part ops 100 "${bench[@]}" --ops --steps 0 --op-seconds 0.2 --json "$out/ops.json" \
+wanted steps && part steps $(( 3 * per + 30 )) "${bench[@]}" --configs reference,auto,fp8 \
+    "${steps[@]}" --config-timeout "$per" --forward-error --json "$out/steps.json" \
+    --chart "$work/steps.png"
+wanted ops && part ops 120 "${bench[@]}" --ops --steps 0 --op-seconds 0.2 --json "$out/ops.json" \
     --chart "$work/ops.png"
-part compile $(( 2 * per + 30 )) "${bench[@]}" --configs compile "${steps[@]}" \
+wanted gpu_tests && part gpu_tests 90 env TRITON_INTERPRET=0 "$PY" -m pytest -q \
+    -p no:cacheprovider "$root/tests/test_kernels_gpu.py" --junitxml "$work/gpu_tests.xml"
+wanted offload && part offload $(( per + 30 )) "${bench[@]}" --configs offload-group \
+    "${budget_flag[@]}" "${steps[@]}" --config-timeout "$(( per + 10 ))" \
+    --json "$out/offload.json" --chart "$work/offload.png"
+wanted compile && part compile $(( 2 * per + 30 )) "${bench[@]}" --configs compile "${steps[@]}" \
     --config-timeout $(( 2 * per )) --json "$out/compile.json" --chart "$work/compile.png"
-part offload $(( per + 30 )) "${bench[@]}" --configs offload-group "${budget_flag[@]}" \
-    "${steps[@]}" --config-timeout "$(( per + 10 ))" --json "$out/offload.json" \
-    --chart "$work/offload.png"
-if [ $smoke = 0 ]; then          # the tables are built from GPU measurements only
+# reference again first: the forward error of the 8-bit path against it, same seed, same weights
+wanted attn8 && part attn8 $(( 2 * per + 30 )) "${bench[@]}" --configs reference,fp8-attn8 \
+    "${steps[@]}" --config-timeout "$per" --forward-error --json "$out/attn8.json" \
+    --chart "$work/attn8.png"
+if [ $smoke = 0 ] && wanted tables; then   # the tables are built from GPU measurements only
     part kernel_table 30 "$PY" -m mova_rt.autoselect "$out/ops.json" --out "$work/kernel_table.json"
     part fp8_table 30 "$PY" -m mova_rt.fp8.dispatch "$out/ops.json" --out "$work/fp8_dispatch.json"
 fi

@@ -5,7 +5,7 @@ not measured. Writes OUTDIR/summary.json and OUTDIR/summary.md and prints the ma
 
     python -m mova_rt.benchmarks.device_summary OUTDIR --work WORKDIR --preset mova-360p
 
-Reads what device_check.sh left: OUTDIR/{steps,compile,offload,ops}.json and, in WORKDIR,
+Reads what device_check.sh left: OUTDIR/{steps,compile,offload,attn8,ops}.json and, in WORKDIR,
 parts.jsonl, gpu_tests.xml, kernel_table.json and fp8_dispatch.json (the tables this run's op
 measurements build; a GPU session commits them to mova_rt/data/ when they should change what
 `auto` and the fp8 path run).
@@ -59,7 +59,7 @@ def _tests(work: str) -> dict | None:
 
 def _configs(out: str) -> list:
     rows = []
-    for name in ("steps", "compile", "offload"):
+    for name in ("steps", "compile", "offload", "attn8"):
         data = _load(os.path.join(out, f"{name}.json"))
         for r in (data or {}).get("configs", []):
             rows.append(dict(r, file=f"{name}.json"))
@@ -84,7 +84,7 @@ def applicable(preset: str, env: dict) -> bool:
     return preset == "mova-360p" and env.get("device_type") == "cuda"
 
 
-def targets(rows: list, tables: dict) -> list:
+def targets(rows: list, tables: dict, ops: dict | None = None) -> list:
     """The targets of issues 16 and 17 (360p on an H100 / H200)."""
     auto, fp8, ref = _row(rows, "auto"), _row(rows, "fp8"), _row(rows, "reference")
     off = _row(rows, "offload-group")
@@ -107,6 +107,20 @@ def targets(rows: list, tables: dict) -> list:
     worst = max(err.values()) if err and ref and rows.index(ref) == 0 else None
     t.append(_target("fp8 per-forward error vs bf16 reference (worst tower)", "<= 0.03",
                      worst and round(worst, 4), worst is not None and worst <= 0.03))
+    a8 = _row(rows, "fp8-attn8")
+    err8 = (a8 or {}).get("forward_error_vs_first")
+    worst8 = max(err8.values()) if err8 else None
+    t.append(_target("fp8-attn8 per-forward error vs bf16 reference (worst tower)", "<= 0.03",
+                     worst8 and round(worst8, 4), worst8 is not None and worst8 <= 0.03))
+    times = {r["backend"]: r["median_ms"] for r in (ops or {}).get("ops", [])
+             if r.get("op") == "attention.video_self" and r.get("status") == "ok"}
+    cudnn = times.get("sdpa-priority") or times.get("sdpa-cudnn") or times.get("sdpa")
+    for name in ("fp8", "cudnn-fp8", "triton"):
+        mine = times.get(name)
+        goal = "<= 1.0 (faster than cuDNN bf16)"
+        t.append(_target(f"video self-attention {name} / cuDNN bf16 (ms ratio)", goal,
+                         mine and cudnn and round(mine / cudnn, 3),
+                         bool(mine and cudnn) and mine <= cudnn))
     slower = _auto_slower_than_library(tables.get("kernel_table"))
     t.append(_target("kernels auto picks slower than the library op (this run)", "none",
                      slower, slower is not None and not slower))
@@ -187,7 +201,8 @@ def main(argv=None) -> int:
          "parts": _parts(work), "gpu_tests": _tests(work), "configs": rows,
          "ceilings": steps.get("ceilings"),
          "targets": [dict(t, status="not applicable") if not applicable(args.preset, env)
-                     else t for t in targets(rows, tables)],
+                     else t for t in targets(rows, tables,
+                                             _load(os.path.join(args.out, "ops.json")))],
          "tables": tables}
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(s, fh, indent=1)

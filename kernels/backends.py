@@ -15,6 +15,8 @@ from ..ops import (_REGISTRY, attention_sdpa, compose_cross_attention, compose_s
                    residual_layernorm_affine_eager)
 from ..rope import InterleavedRope
 from . import adaln
+from .attention import attention
+from .attention_fp8 import attention_fp8
 from .attention_int8 import attention_int8, fused_attention_int8
 from .norm_rope import ROPE_INTERLEAVED, ROPE_NONE, ROPE_ROTATE_HALF, norm_rope
 
@@ -47,6 +49,9 @@ def _norm_rope_triton(x, w, eps, rope, rotate_half=False):
 
 
 _bf16_or_exact("norm_rope", _norm_rope_triton, _REGISTRY["norm_rope"]["float32"])
+# the Hopper attention kernel (bf16), and 8-bit attention with e4m3 QK and PV (approximate)
+_bf16_or_exact("attention", attention, attention_sdpa)
+_bf16_or_exact("attention", attention_fp8, attention_sdpa, name="fp8")
 _bf16_or_exact("norm_modulate", adaln.layernorm_modulate, norm_modulate_eager)
 _bf16_or_exact("gated_residual", adaln.gated_residual, gated_residual_eager)
 _bf16_or_exact("layernorm_affine", adaln.layernorm_affine, layernorm_affine_eager)

@@ -36,6 +36,9 @@ Kernel sets:
 - `triton`: mova-rt's Triton kernels (bf16; fp32 runs take the exact path): q/k norm + RoPE in one
   pass, the adaLN / residual row kernels.
 - `flash-attn`: the flash-attn package's attention (optional import) with float32 RoPE.
+- `fp8attn`: auto's choices with mova-rt's 8-bit attention (kernels/attention_fp8.py: q, k, v and
+  the probabilities in e4m3, both products on fp8 tensor cores; about 5% of the attention output
+  on random inputs, approximate). With `--precision fp8`, the full 8-bit path.
 - `triton-int8attn`: the Triton norm kernels and 8-bit attention (kernels/attention_int8.py: q
   and k in int8 per block, k smoothed, p and v bf16) with q/k RMSNorm and RoPE fused into the
   quantizing prologue; approximate (about 1% of the attention output on random inputs).
@@ -208,8 +211,10 @@ _EAGER = {"attention": "sdpa", "rope_interleaved": "float64", "norm_rope": "floa
 KERNEL_SETS = {
     "reference": {},
     "sdpa": {"rope_interleaved": "float32", "norm_rope": "float32"},
-    "triton": {"rope_interleaved": "float32", "norm_rope": "triton",
+    "triton": {"attention": "triton", "rope_interleaved": "float32", "norm_rope": "triton",
                **{kind: "triton" for kind in _NORMS}, "loader": _load_triton},
+    # auto's choices with mova-rt's 8-bit attention (e4m3 for QK and PV; approximate)
+    "fp8attn": {"base": "auto", "attention": "fp8", "loader": _load_triton},
     "flash-attn": {"attention": "flash-attn", "rope_interleaved": "float32",
                    "norm_rope": "float32", "loader": _load_flash_attn},
     "triton-int8attn": {"attention": "int8", "rope_interleaved": "float32", "norm_rope": "triton",
@@ -249,6 +254,9 @@ def resolve(kernels: str = "reference", wrap_attention: Callable | None = None,
         chosen = choose(device)
     else:
         chosen = dict(KERNEL_SETS[kernels])
+        if chosen.pop("base", None) == "auto":
+            from .autoselect import choose
+            chosen = {**choose(device), **chosen}
     if "loader" in chosen:
         chosen.pop("loader")()
     elif any(v == "triton" for v in chosen.values()):

@@ -22,19 +22,20 @@ def test_smoke_run_on_the_cpu(tmp_path):
     r = _run(tmp_path / "out", 900)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["compile.json", "log.txt", "offload.json", "ops.json",
-                                       "steps.json", "summary.json", "summary.md"]
+    assert sorted(os.listdir(out)) == ["attn8.json", "compile.json", "log.txt", "offload.json",
+                                       "ops.json", "steps.json", "summary.json", "summary.md"]
     s = json.loads((out / "summary.json").read_text())
     parts = {p["part"]: p["status"] for p in s["parts"]}
     assert parts == {"gpu_tests": "ok", "steps": "ok", "ops": "ok", "compile": "ok",
-                     "offload": "ok"}, parts
+                     "offload": "ok", "attn8": "ok"}, parts
     assert s["gpu_tests"]["tests"] == s["gpu_tests"]["skipped"] > 0      # no GPU here
     rows = {r["name"]: r for r in s["configs"]}
-    assert list(rows) == ["reference", "auto", "fp8", "compile", "offload-group"]
+    assert list(rows) == ["reference", "auto", "fp8", "compile", "offload-group", "fp8-attn8"]
     assert all(r["status"] == "ok" and r["step_s"]["median"] > 0 for r in rows.values())
     assert rows["reference"]["forward_error_vs_first"] == {"video": 0.0, "audio": 0.0}
     assert 0 < rows["fp8"]["forward_error_vs_first"]["video"] < 0.08
-    assert len(s["targets"]) == 8 and {t["status"] for t in s["targets"]} == {"not applicable"}
+    assert 0 < rows["fp8-attn8"]["forward_error_vs_first"]["video"] < 0.15
+    assert len(s["targets"]) == 12 and {t["status"] for t in s["targets"]} == {"not applicable"}
     assert "| auto |" in (out / "summary.md").read_text() and "| auto |" in r.stdout
 
 
@@ -45,5 +46,5 @@ def test_a_part_out_of_budget_is_reported_and_the_rest_still_summarised(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     statuses = {p["part"]: p["status"] for p in s["parts"]}
-    assert statuses["offload"] == "skipped" and statuses["compile"] == "skipped"
+    assert statuses["attn8"] == "skipped" and statuses["compile"] == "skipped"
     assert set(statuses.values()) <= {"ok", "timeout", "skipped"}
