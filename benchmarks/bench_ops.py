@@ -5,8 +5,9 @@ Every op kind the step spends its time in, at the sizes the preset (or --height/
 - attention: video self-attention (L_v x L_v, 40 heads x 128 at full size), audio self-attention,
   the bridge both ways (a2v: L_v queries x L_a keys; v2a: L_a queries x L_v keys), text
   cross-attention (L_v x 512). FLOPs = 4 Lq Lk H D. Backends: each registered in mova_rt.ops, the
-  SDPA sub-backends on CUDA (flash, cuDNN, memory-efficient, math), flash-attn when installed, and
-  eager matmul-softmax; a backend whose L x L scores would not fit is skipped with the reason.
+  SDPA sub-backends on CUDA (flash, cuDNN, memory-efficient, math), flash-attn when installed,
+  cuDNN's fp8 attention (mova_rt/attention_cudnn.py) when available, and eager matmul-softmax;
+  a backend whose L x L scores would not fit is skipped with the reason.
 - the DiT linear shapes (video, audio, bridge, text K/V): 2 M K N FLOPs.
 - memory-bound glue: interleaved RoPE (each registered backend), LayerNorm + modulation,
   the gated residual, the affine norm3. GB/s = bytes read + written once (the minimum traffic).
@@ -81,6 +82,9 @@ def attention_backends(device: torch.device, lq: int, lk: int, heads: int,
         out["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v)
     except ImportError:
         out["flash-attn"] = "flash-attn is not installed"
+    from mova_rt.attention_cudnn import attention_cudnn_fp8, available as cudnn_fp8_available
+    ok, why = cudnn_fp8_available()
+    out["cudnn-fp8"] = attention_cudnn_fp8 if ok else why
     return out
 
 

@@ -186,6 +186,8 @@ register("fp8-int8attn", "as fp8 with the triton kernels and 8-bit attention (in
     fp8_runner("triton-int8attn", "auto"))
 register("fp8-attn8", "as fp8, with mova-rt's 8-bit attention (e4m3 q, k, v and probabilities, "
          "both products on fp8 tensor cores): the full 8-bit path")(fp8_runner("fp8attn", "auto"))
+register("fp8-cudnnattn", "as fp8, with cuDNN's fp8 attention (nvidia-cudnn-frontend, when "
+         "installed)")(fp8_runner("cudnn-fp8attn", "auto"))
 register("fp8-cublas", "reference kernels with every quantizable Linear layer in e4m3 through "
          "torch._scaled_mm (cuBLASLt)")(fp8_runner("reference", "scaled_mm"))
 

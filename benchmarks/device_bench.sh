@@ -7,7 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$root"/.whl/mova_rt-*.whl
+    --target /tmp/site "$root"/.whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 MOVA_RT_COMMIT=$(cat "$root/.whl/COMMIT")
 export MOVA_RT_COMMIT

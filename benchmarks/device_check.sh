@@ -62,7 +62,7 @@ log="$out/log.txt"
 
 if ls "$root"/.whl/mova_rt-*.whl >/dev/null 2>&1; then      # the lent GPU machine
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$root"/.whl/mova_rt-*.whl >>"$log" 2>&1
+        --target /tmp/site "$root"/.whl/*.whl >>"$log" 2>&1      # + scripts/device_extras.sh
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     MOVA_RT_COMMIT=$(cat "$root/.whl/COMMIT")
     export MOVA_RT_COMMIT
@@ -134,7 +134,7 @@ wanted offload && part offload $(( per + 30 )) "${bench[@]}" --configs offload-g
 wanted compile && part compile $(( 2 * per + 30 )) "${bench[@]}" --configs compile "${steps[@]}" \
     --config-timeout $(( 2 * per )) --json "$out/compile.json" --chart "$work/compile.png"
 # reference again first: the forward error of the 8-bit path against it, same seed, same weights
-wanted attn8 && part attn8 $(( 2 * per + 30 )) "${bench[@]}" --configs reference,fp8-attn8 \
+wanted attn8 && part attn8 $(( 3 * per + 30 )) "${bench[@]}" --configs reference,fp8-attn8,fp8-cudnnattn \
     "${steps[@]}" --config-timeout "$per" --forward-error --json "$out/attn8.json" \
     --chart "$work/attn8.png"
 if [ $smoke = 0 ] && wanted tables; then   # the tables are built from GPU measurements only

@@ -42,6 +42,9 @@ Kernel sets:
 - `triton-int8attn`: the Triton norm kernels and 8-bit attention (kernels/attention_int8.py: q
   and k in int8 per block, k smoothed, p and v bf16) with q/k RMSNorm and RoPE fused into the
   quantizing prologue; approximate (about 1% of the attention output on random inputs).
+- `cudnn-fp8attn`: as `sdpa`, with cuDNN's fp8 attention (mova_rt/attention_cudnn.py, optional
+  nvidia-cudnn-frontend, sm_90+): q, k, v, P and the output in e4m3; approximate (about 6% of the
+  attention output on random inputs, the fp8 output alone 2.6%).
 """
 
 from __future__ import annotations
@@ -201,6 +204,16 @@ def _load_flash_attn():
     register("attention", "flash-attn")(lambda q, k, v: flash_attn_func(q, k, v))
 
 
+def _load_cudnn_fp8():
+    from .attention_cudnn import PIP_NAME, attention_cudnn_fp8, available
+    ok, why = available()
+    if not ok:
+        raise MovaInputError(f"--kernels cudnn-fp8attn needs cuDNN's fp8 attention ({why}): "
+                             f"pip install {PIP_NAME} (it uses torch's cuDNN) on a machine with "
+                             "an sm_90+ GPU, or use --kernels sdpa")
+    register("attention", "cudnn-fp8")(attention_cudnn_fp8)
+
+
 _NORMS = ("norm_modulate", "gated_residual", "layernorm_affine", "residual_layernorm_affine")
 _EAGER = {"attention": "sdpa", "rope_interleaved": "float64", "norm_rope": "float64",
           **{kind: "eager" for kind in _NORMS}}
@@ -220,6 +233,8 @@ KERNEL_SETS = {
     "triton-int8attn": {"attention": "int8", "rope_interleaved": "float32", "norm_rope": "triton",
                         **{kind: "triton" for kind in _NORMS}, "fused": "int8",
                         "loader": _load_triton},
+    # auto's choices with cuDNN's fp8 attention (mova_rt/attention_cudnn.py; approximate)
+    "cudnn-fp8attn": {"base": "auto", "attention": "cudnn-fp8", "loader": _load_cudnn_fp8},
     "auto": None,
 }
 

@@ -30,7 +30,9 @@ def test_smoke_run_on_the_cpu(tmp_path):
                      "offload": "ok", "attn8": "ok"}, parts
     assert s["gpu_tests"]["tests"] == s["gpu_tests"]["skipped"] > 0      # no GPU here
     rows = {r["name"]: r for r in s["configs"]}
-    assert list(rows) == ["reference", "auto", "fp8", "compile", "offload-group", "fp8-attn8"]
+    assert list(rows) == ["reference", "auto", "fp8", "compile", "offload-group", "fp8-attn8",
+                          "fp8-cudnnattn"]
+    assert rows.pop("fp8-cudnnattn")["status"] == "unavailable"       # no GPU, no cuDNN frontend
     assert all(r["status"] == "ok" and r["step_s"]["median"] > 0 for r in rows.values())
     assert rows["reference"]["forward_error_vs_first"] == {"video": 0.0, "audio": 0.0}
     assert 0 < rows["fp8"]["forward_error_vs_first"]["video"] < 0.08
