@@ -1,0 +1,8 @@
+"""The validation layer: every input is checked here, before any weight is read, and refused in
+one line (MovaInputError: the CLI prints `error: ...` and exits 2) naming the problem and the fix.
+
+One module per kind of input, each built on the same field rules (schema.py):
+- configs.py: the JSON files of a checkpoint (model_index.json and each component's config).
+
+Standard library only at import time: torch is imported where a check needs it.
+"""
