@@ -320,6 +320,10 @@ def _generate(args, where) -> int:
         passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
         engine.check_request(args.height, args.width, args.num_frames, args.fps,
                              passes if args.cfg_batch is not False else 1, ckpt)
+    if args.fp8_weights and args.precision == "fp8":    # its manifest, before any weight
+        from .validate.manifests import check_fp8_manifest, read_fp8_manifest
+        redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
+        check_fp8_manifest(read_fp8_manifest(args.fp8_weights, redo), args.fp8_weights, redo)
     layout = _plan_parallel(args, ckpt, where)
     launch.init(where, device, args.dist_timeout)
     launch.check_agreement(where, flags, ckpt)
