@@ -343,15 +343,17 @@ def _process_peak_rss() -> int:
 
 
 def _render_only(path: str, chart: str | None) -> int:
-    if not os.path.isfile(path):
-        raise MovaInputError(f"--render {path}: no such results file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MovaInputError(f"--render {path} is not a results file ({e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    from mova_rt.validate.results import check_results
+    from mova_rt.validate.schema import read_json
+    data = read_json(path, "--render results file", "pass a JSON file written by `mova-rt bench`",
+                     missing=f"--render {path}: no such results file")
+    name = data.get("schema") if isinstance(data, dict) else None
+    if name is None:
         raise MovaInputError(f"--render {path} is not a {SCHEMA} results file")
+    if isinstance(name, str) and name != SCHEMA:
+        raise MovaInputError(f"--render {path}: field 'schema' is {name!r}, this mova-rt reads "
+                             f"{SCHEMA} results files: render one written by this version")
+    check_results(data, path, SCHEMA)       # every field the table and the chart read
     print_report(data)
     chart = chart or os.path.splitext(path)[0] + ".png"
     check_output_path(chart, suffix=".png")

@@ -3,7 +3,8 @@ one line (MovaInputError: the CLI prints `error: ...` and exits 2) naming the pr
 
 One module per kind of input, each built on the same field rules (schema.py):
 - configs.py: the JSON files of a checkpoint (model_index.json and each component's config);
-- manifests.py: the manifests of engines (`mova-rt build`) and fp8 weights (`mova-rt quantize`).
+- manifests.py: the manifests of engines (`mova-rt build`) and fp8 weights (`mova-rt quantize`);
+- results.py: benchmark results files (`mova-rt bench --render`).
 
 Standard library only at import time: torch is imported where a check needs it.
 """
