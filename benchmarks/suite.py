@@ -131,6 +131,7 @@ def _validate(args) -> tuple:
     cfg = load_config(args.ckpt_path) if args.ckpt_path else preset_config(args.preset)
     h, w, f = PRESET_SIZES[args.preset]
     shapes = clip_shapes(cfg, args.height or h, args.width or w, args.num_frames or f, args.fps)
+    _check_fits(args, cfg, shapes, device)
     extra = {}
     if args.engine:
         from .configs import engine_config
@@ -153,6 +154,27 @@ def _validate(args) -> tuple:
         args.chart = os.path.splitext(args.json)[0] + ".png"
     check_output_path(args.chart, suffix=".png")
     return device, cfg, shapes, configs
+
+
+def _check_fits(args, cfg, shapes, device) -> None:
+    """Before anything is written: the clip must fit the device (mova_rt.validate.memory: the
+    memory plan; on meta, the plan must be computable), and a checkpoint's tower weights must
+    match its configs (their safetensors headers: a truncated file is refused here, not in a
+    child process after the results file was written)."""
+    from mova_rt.sampler import Guidance
+    from mova_rt.validate.memory import check_fits
+    if args.child_of is not None:
+        return                  # a configuration's own process: its parent checked all this
+    batch = len(Guidance(args.cfg_scale).passes())
+    check_fits(cfg, shapes, device, batch, decode=args.time_stages, towers_only=True)
+    if args.ckpt_path:
+        from .bench_step import TOWERS, WEIGHT_DTYPE, tower_config
+        from mova_rt.loader import load_state
+        from mova_rt.ops import resolve
+        for name, cls in TOWERS:
+            with torch.device("meta"):
+                module = cls(tower_config(cfg, name), resolve("reference")).to(WEIGHT_DTYPE)
+            load_state(module, args.ckpt_path, name, WEIGHT_DTYPE, "meta", defer=lambda k: True)
 
 
 def default_json_name(device: torch.device, preset: str) -> str:

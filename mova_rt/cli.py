@@ -207,6 +207,7 @@ def cmd_build(args) -> int:
     req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
                        args.backend, kernels, args.device, args.autotune, args.opt_batch,
                        preset=args.preset, fp8_weights=args.fp8_weights)
+    _check_build_fits(args, ckpt)
     t0 = time.perf_counter()
     manifest = build(req, args.out, log=lambda m: print(f"build: {m}", file=sys.stderr))
     size = sum(a["bytes"] for a in manifest["artifacts"].values())
@@ -214,6 +215,19 @@ def cmd_build(args) -> int:
           f"{args.precision}, {manifest['machine']['name']}), {size / 1024 ** 2:.1f} MiB in "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _check_build_fits(args, ckpt) -> None:
+    """A build holds the towers and traces one layer at a time: refused up front only when the
+    clip cannot fit the device at all (mova_rt.validate.memory), before any weight is read."""
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config, preset_config
+    from .validate.memory import check_fits
+
+    cfg = preset_config(args.preset) if args.preset is not None else load_config(ckpt)
+    shapes = clip_shapes(cfg, args.height, args.width, args.num_frames, args.fps)
+    check_fits(cfg, shapes, _resolve_device(args.device), batch=args.opt_batch, decode=False,
+               towers_only=True)
 
 
 def _unsupported(args):
@@ -315,6 +329,7 @@ def _generate(args, where) -> int:
         redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
         check_fp8_manifest(read_fp8_manifest(args.fp8_weights, redo), args.fp8_weights, redo)
     layout = _plan_parallel(args, ckpt, where)
+    estimates = _check_fits(args, ckpt, device, layout, decode=writer)
     launch.init(where, device, args.dist_timeout)
     launch.check_agreement(where, flags, ckpt)
     mesh = None
@@ -325,7 +340,7 @@ def _generate(args, where) -> int:
               f"{layout.ulysses} x ring {layout.ring})" + (
                   f", {layout.cfg_groups} guidance passes in parallel" if layout.cfg_groups > 1
                   else ""), file=sys.stderr)
-    offload = _plan_offload(args, ckpt, device)
+    offload = _plan_offload(args, ckpt, device, estimates)
     t_start = time.perf_counter()
     try:
         pipe = MovaPipeline.from_pretrained(
@@ -360,6 +375,25 @@ def _generate(args, where) -> int:
     return 0
 
 
+def _check_fits(args, ckpt, device, layout=None, decode=True) -> dict:
+    """Refuses a clip that cannot fit the device (mova_rt.validate.memory) before any weight is
+    read; returns the memory plan's estimates per offload mode (for --vram-budget)."""
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config
+    from .sampler import Guidance
+    from .validate.memory import check_fits
+
+    cfg = load_config(ckpt)
+    shapes = clip_shapes(cfg, args.height, args.width, args.num_frames, args.fps)
+    passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
+    batch = 1 if args.cfg_batch is False else passes
+    cp = 1
+    if layout is not None:
+        cp = layout.cp_size
+        batch = max(1, -(-batch // layout.cfg_groups))
+    return check_fits(cfg, shapes, device, batch, args.kernels, decode=decode, cp_size=cp)
+
+
 def _estimates(args, ckpt) -> dict:
     """GiB that each offload plan needs for this clip (weights + one forward's activations)."""
     from .benchmarks.flops import clip_shapes
@@ -391,7 +425,7 @@ def _oom_advice(args, ckpt, total: float, offload) -> str:
             + f": {advice}")
 
 
-def _plan_offload(args, ckpt, device) -> str:
+def _plan_offload(args, ckpt, device, est=None) -> str:
     """--offload as given, else the least offload that fits --vram-budget (which also caps the
     process, so a plan that does not fit fails with a clear message instead of overrunning)."""
     import torch
@@ -404,7 +438,7 @@ def _plan_offload(args, ckpt, device) -> str:
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
     if not 0 < args.vram_budget <= total:
         raise MovaInputError(f"--vram-budget {args.vram_budget} must be in (0, {total:.1f}] GiB")
-    est = _estimates(args, ckpt)
+    est = est or _estimates(args, ckpt)
     mode = args.offload or choose_plan(est, args.vram_budget)
     if mode is None:
         raise MovaInputError(
@@ -461,8 +495,12 @@ def cmd_quantize(args) -> int:
     for k, v in REFERENCE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config
+    from .validate.memory import check_fits
+    device = _resolve_device(args.device)
+    cfg = load_config(args.ckpt_path)       # calibration runs generations: they must fit
+    check_fits(cfg, clip_shapes(cfg, args.height, args.width, args.num_frames), device)
     calibrate_checkpoint(args.ckpt_path, args.out, args.prompt, args.ref_path, args.height,
                          args.width, args.num_frames, args.calib_steps, args.seed, device,
                          log=lambda m: print(f"quantize: {m}", file=sys.stderr))
