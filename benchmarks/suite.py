@@ -26,7 +26,7 @@ import torch
 
 from mova_rt.config import PRESET_SIZES, PRESETS, load_config, preset_config
 from mova_rt.errors import MovaInputError
-from mova_rt.files import check_output_path, remove_quietly, temp_path
+from mova_rt.files import check_output_path, kept_unless_bad_input, remove_quietly, temp_path
 
 from .configs import CONFIGS, parse_configs
 from .flops import SPEC_PFLOP_PER_FORWARD, clip_shapes
@@ -218,6 +218,11 @@ def run(args) -> int:
     log = Log(args.progress)
     if args.child_of is not None:
         return _child(args, cfg, shapes, device, configs, log)
+    with kept_unless_bad_input(args.json):     # bad input found late: the file as it was
+        return _suite(args, device, cfg, shapes, configs, log)
+
+
+def _suite(args, device, cfg, shapes, configs, log) -> int:
     full = args.preset != "tiny" and device.type == "cuda"
     data = {"schema": SCHEMA, "complete": False,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

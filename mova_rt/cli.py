@@ -14,6 +14,7 @@ import importlib
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -278,6 +279,7 @@ def _generate(args, where) -> int:
     from .config import PRESET_SIZES
     from .media import check_output_path, load_reference_image, save_latents, write_mp4
     from .config import check_sizes
+    from .files import StagedOutputs
     from .parallel import Mesh
     from .pipeline import MovaPipeline
     from .tiny import embedded_tiny_checkpoint
@@ -364,13 +366,17 @@ def _generate(args, where) -> int:
     if not writer:            # every rank holds the same latents; rank 0 alone decodes and writes
         return 0
     t0 = time.perf_counter()
-    write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
-    out.timings["mux"] = time.perf_counter() - t0
-    if args.save_latents:
-        save_latents(args.save_latents, out.video_latents, out.audio_latents,
-                     {"seed": str(args.seed), "prompt": args.prompt, "ckpt": os.path.abspath(ckpt),
-                      "steps": str(args.num_inference_steps), "cfg_scale": str(args.cfg_scale),
-                      "dtype": args.dtype, "mova_rt": __version__})
+    with StagedOutputs() as outputs:    # the mp4 and the latents land together, or neither
+        write_mp4(outputs.stage(args.output_path), out.frames, out.waveform, args.fps,
+                  out.sample_rate)
+        out.timings["mux"] = time.perf_counter() - t0
+        if args.save_latents:
+            save_latents(outputs.stage(args.save_latents), out.video_latents, out.audio_latents,
+                         {"seed": str(args.seed), "prompt": args.prompt,
+                          "ckpt": os.path.abspath(ckpt), "steps": str(args.num_inference_steps),
+                          "cfg_scale": str(args.cfg_scale), "dtype": args.dtype,
+                          "mova_rt": __version__})
+        outputs.commit()
     _summary(pipe, out, args, time.perf_counter() - t_start)
     return 0
 
@@ -561,7 +567,8 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 def main(argv=None) -> int:
     from . import launch
-    from .validate.flags import check_flags
+    from .files import disk_full, signals_as_interrupts
+    from .validate.flags import OUTPUTS, check_flags
 
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
@@ -570,22 +577,35 @@ def main(argv=None) -> int:
                "build": cmd_build}[args.command]
     where, who = launch.Launch(), ""
     try:
-        where = launch.from_env()
-        who = f"rank {where.rank}/{where.world_size}: " if where.distributed else ""
-        check_flags(args.command, args)     # every flag, before the command starts
-        return handler(args)
+        with signals_as_interrupts():
+            where = launch.from_env()
+            who = f"rank {where.rank}/{where.world_size}: " if where.distributed else ""
+            check_flags(args.command, args)     # every flag, before the command starts
+            return handler(args)
     except MovaInputError as e:
         print(f"error: {who}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:
+        full = disk_full(e)
+        if full is not None:    # the outputs' temporary files are gone with the unwinding
+            outs = [str(getattr(args, d)) for d in OUTPUTS.get(args.command, ())
+                    if getattr(args, d, None)]
+            print(f"error: {who}cannot write {' and '.join(outs) or 'the output'}: {full}; free "
+                  "some space there or write to another disk (nothing was written)",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
         if not (where.distributed and launch.is_comm_failure(e)):
             raise
         timeout = getattr(args, "dist_timeout", 0.0)
         print(f"error: {who}{launch.comm_failure_message(e, timeout)}", file=sys.stderr)
         return EXIT_COMM_FAILURE
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        kept = ("a results file keeps what was measured, marked incomplete"
+                if args.command == "bench" else "no output was written")
+        print(f"error: {who}interrupted ({signal.Signals(signum).name}); {kept}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
