@@ -55,7 +55,8 @@ setup(
     version="0.1.0",
     description="A performance-engineered inference runtime for MOVA (video + audio generation)",
     python_requires=">=3.10",
-    packages=["mova_rt", "mova_rt.models", "mova_rt.fp8", "mova_rt.kernels", "mova_rt.benchmarks"],
+    packages=["mova_rt", "mova_rt.models", "mova_rt.fp8", "mova_rt.validate", "mova_rt.kernels",
+              "mova_rt.benchmarks"],
     package_dir={"mova_rt.kernels": "kernels", "mova_rt.benchmarks": "benchmarks"},
     # the fp8 GEMM dispatch table, once built from GPU results (mova_rt/fp8/dispatch.py)
     package_data={"mova_rt": ["data/*.json"]},

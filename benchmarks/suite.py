@@ -26,7 +26,7 @@ import torch
 
 from mova_rt.config import PRESET_SIZES, PRESETS, load_config, preset_config
 from mova_rt.errors import MovaInputError
-from mova_rt.files import check_output_path, remove_quietly, temp_path
+from mova_rt.files import check_output_path, kept_unless_bad_input, remove_quietly, temp_path
 
 from .configs import CONFIGS, parse_configs
 from .flops import SPEC_PFLOP_PER_FORWARD, clip_shapes
@@ -139,6 +139,7 @@ def _validate(args) -> tuple:
     cfg = load_config(args.ckpt_path) if args.ckpt_path else preset_config(args.preset)
     h, w, f = PRESET_SIZES[args.preset]
     shapes = clip_shapes(cfg, args.height or h, args.width or w, args.num_frames or f, args.fps)
+    _check_fits(args, cfg, shapes, device)
     extra = {}
     if args.engine:
         from .configs import engine_config
@@ -161,6 +162,27 @@ def _validate(args) -> tuple:
         args.chart = os.path.splitext(args.json)[0] + ".png"
     check_output_path(args.chart, suffix=".png")
     return device, cfg, shapes, configs
+
+
+def _check_fits(args, cfg, shapes, device) -> None:
+    """Before anything is written: the clip must fit the device (mova_rt.validate.memory: the
+    memory plan; on meta, the plan must be computable), and a checkpoint's tower weights must
+    match its configs (their safetensors headers: a truncated file is refused here, not in a
+    child process after the results file was written)."""
+    from mova_rt.sampler import Guidance
+    from mova_rt.validate.memory import check_fits
+    if args.child_of is not None:
+        return                  # a configuration's own process: its parent checked all this
+    batch = len(Guidance(args.cfg_scale).passes())
+    check_fits(cfg, shapes, device, batch, decode=args.time_stages, towers_only=True)
+    if args.ckpt_path:
+        from .bench_step import TOWERS, WEIGHT_DTYPE, tower_config
+        from mova_rt.loader import load_state
+        from mova_rt.ops import resolve
+        for name, cls in TOWERS:
+            with torch.device("meta"):
+                module = cls(tower_config(cfg, name), resolve("reference")).to(WEIGHT_DTYPE)
+            load_state(module, args.ckpt_path, name, WEIGHT_DTYPE, "meta", defer=lambda k: True)
 
 
 def default_json_name(device: torch.device, preset: str) -> str:
@@ -204,6 +226,11 @@ def run(args) -> int:
     log = Log(args.progress)
     if args.child_of is not None:
         return _child(args, cfg, shapes, device, configs, log)
+    with kept_unless_bad_input(args.json):     # bad input found late: the file as it was
+        return _suite(args, device, cfg, shapes, configs, log)
+
+
+def _suite(args, device, cfg, shapes, configs, log) -> int:
     full = args.preset != "tiny" and device.type == "cuda"
     data = {"schema": SCHEMA, "complete": False,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -365,15 +392,17 @@ def _process_peak_rss() -> int:
 
 
 def _render_only(path: str, chart: str | None) -> int:
-    if not os.path.isfile(path):
-        raise MovaInputError(f"--render {path}: no such results file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MovaInputError(f"--render {path} is not a results file ({e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    from mova_rt.validate.results import check_results
+    from mova_rt.validate.schema import read_json
+    data = read_json(path, "--render results file", "pass a JSON file written by `mova-rt bench`",
+                     missing=f"--render {path}: no such results file")
+    name = data.get("schema") if isinstance(data, dict) else None
+    if name is None:
         raise MovaInputError(f"--render {path} is not a {SCHEMA} results file")
+    if isinstance(name, str) and name != SCHEMA:
+        raise MovaInputError(f"--render {path}: field 'schema' is {name!r}, this mova-rt reads "
+                             f"{SCHEMA} results files: render one written by this version")
+    check_results(data, path, SCHEMA)       # every field the table and the chart read
     print_report(data)
     chart = chart or os.path.splitext(path)[0] + ".png"
     check_output_path(chart, suffix=".png")

@@ -14,6 +14,7 @@ import importlib
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -215,6 +216,7 @@ def cmd_build(args) -> int:
     req = BuildRequest(ckpt, args.height, args.width, args.num_frames, args.fps, args.precision,
                        args.backend, kernels, args.device, args.autotune, args.opt_batch,
                        preset=args.preset, fp8_weights=args.fp8_weights)
+    _check_build_fits(args, ckpt)
     t0 = time.perf_counter()
     manifest = build(req, args.out, log=lambda m: print(f"build: {m}", file=sys.stderr))
     size = sum(a["bytes"] for a in manifest["artifacts"].values())
@@ -224,31 +226,36 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _check_build_fits(args, ckpt) -> None:
+    """A build holds the towers and traces one layer at a time: refused up front only when the
+    clip cannot fit the device at all (mova_rt.validate.memory), before any weight is read."""
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config, preset_config
+    from .validate.memory import check_fits
+
+    cfg = preset_config(args.preset) if args.preset is not None else load_config(ckpt)
+    shapes = clip_shapes(cfg, args.height, args.width, args.num_frames, args.fps)
+    check_fits(cfg, shapes, _resolve_device(args.device), batch=args.opt_batch, decode=False,
+               towers_only=True)
+
+
 def _unsupported(args):
     """Accepted flags whose features are not built yet fail loudly instead of being ignored."""
     if args.offload_to_disk_path:
         raise MovaInputError("--offload_to_disk_path is not needed by mova-rt: with --offload "
                              "group --stream_from_disk the blocks stream straight from the "
                              "checkpoint files; leave the flag out")
-    if args.offload_depth < 1:
-        raise MovaInputError("--offload_depth must be at least 1")
     if args.sigma_shift is not None:
         raise MovaInputError("--sigma_shift is not supported: the reference ignores it and so "
                              "would we; edit scheduler/scheduler_config.json to change the shift")
 
 
 def _resolve_device(name):
+    """--device (checked with the other flags), or the default: cuda if present."""
     import torch
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MovaInputError(f"--device {name} requested but CUDA is not available: use "
-                             "--device cpu")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise MovaInputError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
     return name
 
 
@@ -280,6 +287,7 @@ def _generate(args, where) -> int:
     from .config import PRESET_SIZES
     from .media import check_output_path, load_reference_image, save_latents, write_mp4
     from .config import check_sizes
+    from .files import StagedOutputs
     from .parallel import Mesh
     from .pipeline import MovaPipeline
     from .tiny import embedded_tiny_checkpoint
@@ -300,8 +308,6 @@ def _generate(args, where) -> int:
             raise MovaInputError("--prompt is required with --ckpt_path")
         args.prompt = "A dog barks at a passing train while rain falls on a tin roof."
     check_sizes(args.height, args.width, args.num_frames)
-    if args.fps <= 0:
-        raise MovaInputError(f"--fps {args.fps} must be positive")
     if writer:
         check_output_path(args.output_path)
         if args.save_latents:
@@ -328,7 +334,12 @@ def _generate(args, where) -> int:
         passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
         engine.check_request(args.height, args.width, args.num_frames, args.fps,
                              passes if args.cfg_batch is not False else 1, ckpt)
+    if args.fp8_weights and args.precision == "fp8":    # its manifest, before any weight
+        from .validate.manifests import check_fp8_manifest, read_fp8_manifest
+        redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
+        check_fp8_manifest(read_fp8_manifest(args.fp8_weights, redo), args.fp8_weights, redo)
     layout = _plan_parallel(args, ckpt, where)
+    estimates = _check_fits(args, ckpt, device, layout, decode=writer)
     launch.init(where, device, args.dist_timeout)
     launch.check_agreement(where, flags, ckpt)
     mesh = None
@@ -339,7 +350,7 @@ def _generate(args, where) -> int:
               f"{layout.ulysses} x ring {layout.ring})" + (
                   f", {layout.cfg_groups} guidance passes in parallel" if layout.cfg_groups > 1
                   else ""), file=sys.stderr)
-    offload = _plan_offload(args, ckpt, device)
+    offload = _plan_offload(args, ckpt, device, estimates)
     t_start = time.perf_counter()
     try:
         pipe = MovaPipeline.from_pretrained(
@@ -364,15 +375,38 @@ def _generate(args, where) -> int:
     if not writer:            # every rank holds the same latents; rank 0 alone decodes and writes
         return 0
     t0 = time.perf_counter()
-    write_mp4(args.output_path, out.frames, out.waveform, args.fps, out.sample_rate)
-    out.timings["mux"] = time.perf_counter() - t0
-    if args.save_latents:
-        save_latents(args.save_latents, out.video_latents, out.audio_latents,
-                     {"seed": str(args.seed), "prompt": args.prompt, "ckpt": os.path.abspath(ckpt),
-                      "steps": str(args.num_inference_steps), "cfg_scale": str(args.cfg_scale),
-                      "dtype": args.dtype, "mova_rt": __version__})
+    with StagedOutputs() as outputs:    # the mp4 and the latents land together, or neither
+        write_mp4(outputs.stage(args.output_path), out.frames, out.waveform, args.fps,
+                  out.sample_rate)
+        out.timings["mux"] = time.perf_counter() - t0
+        if args.save_latents:
+            save_latents(outputs.stage(args.save_latents), out.video_latents, out.audio_latents,
+                         {"seed": str(args.seed), "prompt": args.prompt,
+                          "ckpt": os.path.abspath(ckpt), "steps": str(args.num_inference_steps),
+                          "cfg_scale": str(args.cfg_scale), "dtype": args.dtype,
+                          "mova_rt": __version__})
+        outputs.commit()
     _summary(pipe, out, args, time.perf_counter() - t_start)
     return 0
+
+
+def _check_fits(args, ckpt, device, layout=None, decode=True) -> dict:
+    """Refuses a clip that cannot fit the device (mova_rt.validate.memory) before any weight is
+    read; returns the memory plan's estimates per offload mode (for --vram-budget)."""
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config
+    from .sampler import Guidance
+    from .validate.memory import check_fits
+
+    cfg = load_config(ckpt)
+    shapes = clip_shapes(cfg, args.height, args.width, args.num_frames, args.fps)
+    passes = len(Guidance(args.cfg_scale, args.bridge_cfg_scale).passes())
+    batch = 1 if args.cfg_batch is False else passes
+    cp = 1
+    if layout is not None:
+        cp = layout.cp_size
+        batch = max(1, -(-batch // layout.cfg_groups))
+    return check_fits(cfg, shapes, device, batch, args.kernels, decode=decode, cp_size=cp)
 
 
 def _estimates(args, ckpt) -> dict:
@@ -406,7 +440,7 @@ def _oom_advice(args, ckpt, total: float, offload) -> str:
             + f": {advice}")
 
 
-def _plan_offload(args, ckpt, device) -> str:
+def _plan_offload(args, ckpt, device, est=None) -> str:
     """--offload as given, else the least offload that fits --vram-budget (which also caps the
     process, so a plan that does not fit fails with a clear message instead of overrunning)."""
     import torch
@@ -419,7 +453,7 @@ def _plan_offload(args, ckpt, device) -> str:
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1024 ** 3
     if not 0 < args.vram_budget <= total:
         raise MovaInputError(f"--vram-budget {args.vram_budget} must be in (0, {total:.1f}] GiB")
-    est = _estimates(args, ckpt)
+    est = est or _estimates(args, ckpt)
     mode = args.offload or choose_plan(est, args.vram_budget)
     if mode is None:
         raise MovaInputError(
@@ -476,13 +510,15 @@ def cmd_quantize(args) -> int:
                              "generations; use prompts like the ones you will generate)")
     if args.calib_steps is None:
         args.calib_steps = 8
-    if args.calib_steps < 1:
-        raise MovaInputError("--calib_steps must be at least 1")
     for k, v in REFERENCE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .benchmarks.flops import clip_shapes
+    from .config import load_config
+    from .validate.memory import check_fits
+    device = _resolve_device(args.device)
+    cfg = load_config(args.ckpt_path)       # calibration runs generations: they must fit
+    check_fits(cfg, clip_shapes(cfg, args.height, args.width, args.num_frames), device)
     calibrate_checkpoint(args.ckpt_path, args.out, args.prompt, args.ref_path, args.height,
                          args.width, args.num_frames, args.calib_steps, args.seed, device,
                          log=lambda m: print(f"quantize: {m}", file=sys.stderr))
@@ -545,6 +581,8 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 def main(argv=None) -> int:
     from . import launch
+    from .files import disk_full, signals_as_interrupts
+    from .validate.flags import OUTPUTS, check_flags
 
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
@@ -553,21 +591,35 @@ def main(argv=None) -> int:
                "build": cmd_build}[args.command]
     where, who = launch.Launch(), ""
     try:
-        where = launch.from_env()
-        who = f"rank {where.rank}/{where.world_size}: " if where.distributed else ""
-        return handler(args)
+        with signals_as_interrupts():
+            where = launch.from_env()
+            who = f"rank {where.rank}/{where.world_size}: " if where.distributed else ""
+            check_flags(args.command, args)     # every flag, before the command starts
+            return handler(args)
     except MovaInputError as e:
         print(f"error: {who}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:
+        full = disk_full(e)
+        if full is not None:    # the outputs' temporary files are gone with the unwinding
+            outs = [str(getattr(args, d)) for d in OUTPUTS.get(args.command, ())
+                    if getattr(args, d, None)]
+            print(f"error: {who}cannot write {' and '.join(outs) or 'the output'}: {full}; free "
+                  "some space there or write to another disk (nothing was written)",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
         if not (where.distributed and launch.is_comm_failure(e)):
             raise
         timeout = getattr(args, "dist_timeout", 0.0)
         print(f"error: {who}{launch.comm_failure_message(e, timeout)}", file=sys.stderr)
         return EXIT_COMM_FAILURE
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        kept = ("a results file keeps what was measured, marked incomplete"
+                if args.command == "bench" else "no output was written")
+        print(f"error: {who}interrupted ({signal.Signals(signum).name}); {kept}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

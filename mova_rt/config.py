@@ -13,7 +13,6 @@ writes them and the benchmark builds from them. They are never used to fill in a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -61,6 +60,8 @@ def _from_dict(cls, raw: dict, where: str, passthrough: bool = False):
     extra = sorted(k for k in raw if k not in known and not k.startswith("_"))
     if extra and not passthrough:
         warnings.warn(f"{where}: ignoring unknown fields {extra}")
+    from .validate.configs import check_fields
+    check_fields(cls.__name__, raw, where)
     try:
         cfg = cls(**values)
     except (TypeError, ValueError) as e:
@@ -79,15 +80,11 @@ def _to_dict(cfg) -> dict:
 
 
 def read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise MovaInputError(f"missing {what} file {path}: the checkpoint folder is incomplete; "
-                             "download it again or point --ckpt_path at a complete MOVA checkpoint")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MovaInputError(f"cannot parse {path} ({e}): the file is corrupt; restore it "
-                             "from the checkpoint") from None
+    from .validate.schema import read_json as read_checked
+    data = read_checked(
+        path, "checkpoint file", "the file is corrupt; restore it from the checkpoint",
+        missing=f"missing {what} file {path}: the checkpoint folder is incomplete; download it "
+                "again or point --ckpt_path at a complete MOVA checkpoint")
     if not isinstance(data, dict):
         raise MovaInputError(f"{path} is not a JSON object: restore it from the checkpoint")
     return data
@@ -382,6 +379,8 @@ def load_config(ckpt: str) -> MovaConfig:
         if not (isinstance(entry, list) and len(entry) == 2):
             raise MovaInputError(f"model_index.json has no component '{name}': this is not a "
                                  "MOVA checkpoint; use a MOVA-360p or MOVA-720p folder")
+    from .validate.configs import check_model_index, check_text_encoder
+    check_model_index(index)
     p = os.path.join
     try:
         pipeline = PipelineConfig(boundary_ratio=float(index.get("boundary_ratio", 0.9)),
@@ -397,6 +396,7 @@ def load_config(ckpt: str) -> MovaConfig:
     video_vae = dataclasses.replace(
         video_vae, raw={k: v for k, v in vae_raw.items() if not k.startswith("_")})
     text = read_json(p(ckpt, "text_encoder/config.json"), "text_encoder/config.json")
+    check_text_encoder(text)
     cfg = MovaConfig(
         pipeline=pipeline,
         video_dit=comp(VideoDiTConfig, "video_dit/config.json"),

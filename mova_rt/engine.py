@@ -939,36 +939,19 @@ def open_engine(path: str, verify: bool = True) -> Engine:
     if not os.path.isdir(path):
         raise MovaInputError(f"--engine {path} is not a folder: build one with `mova-rt build "
                              "...` (see mova-rt build --help)")
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise MovaInputError(f"--engine {path} has no {MANIFEST}: it is not an engine or its "
-                             "build did not finish; build it again with `mova-rt build`") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise MovaInputError(f"--engine {path}: {MANIFEST} is unreadable ({_first_line(e)}): "
-                             "build the engine again with `mova-rt build`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise MovaInputError(f"--engine {path} is {fmt!r}, this mova-rt reads {FORMAT}: build it "
-                             "again with `mova-rt build`")
-    try:
-        engine = Engine(path, manifest)
-        for key in ("checkpoint", "config", "shapes", "machine", "versions", "units",
-                    "artifacts"):
-            manifest[key]
-        for k in ("height", "width", "num_frames", "fps", "precision", "backend", "kernels"):
-            engine.request[k]
-        for entry in manifest["units"].values():
-            entry["files"], entry["towers"], entry["weights"], entry["inputs"]
-            if engine.backend == "tensorrt":
-                entry["input_names"], entry["output_names"]
-            if "layers" in entry:
-                entry["bound_weights"]
-    except (KeyError, TypeError) as e:
-        raise MovaInputError(f"--engine {path}: {MANIFEST} lacks {e}: build the engine again "
-                             "with `mova-rt build`") from None
+    from .validate.manifests import check_engine_manifest
+    from .validate.schema import read_json
+    manifest = read_json(
+        os.path.join(path, MANIFEST), "engine manifest", "build the engine again with `mova-rt "
+        "build`",
+        missing=f"--engine {path} has no {MANIFEST}: it is not an engine or its build did not "
+                "finish; build it again with `mova-rt build`")
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(fmt, str) and fmt != FORMAT:
+        raise MovaInputError(f"--engine {path}: {MANIFEST} field 'format' is {fmt!r}, this "
+                             f"mova-rt reads {FORMAT}: build it again with `mova-rt build`")
+    check_engine_manifest(manifest, path, MANIFEST)     # every field's type, before any use
+    engine = Engine(path, manifest)
     if verify:
         for rel, info in manifest["artifacts"].items():
             full = os.path.join(path, rel)

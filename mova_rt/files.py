@@ -6,6 +6,7 @@ Standard library only, so every command (the benchmark on a bare GPU machine too
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -89,3 +90,170 @@ def new_folder(out: str, prefix: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Several outputs of one run, landing together
+# ---------------------------------------------------------------------------------------------
+class StagedOutputs:
+    """Outputs written under temporary names (`stage(path)`) and renamed into place together by
+    `commit()`, so a run leaves all of them or none: a failure while writing the second (a full
+    disk, a signal) must not leave the first replaced. Leaving the block without commit() removes
+    what was staged.
+
+    commit() moves any file it replaces aside first and puts it back if a later rename fails,
+    with SIGINT/SIGTERM/SIGHUP held until it is done."""
+
+    def __init__(self):
+        self._staged: list[tuple[str, str]] = []        # (temporary, final)
+
+    def stage(self, path: str) -> str:
+        """The temporary name to write `path`'s content to (same folder and suffix)."""
+        tmp = temp_path(path, os.path.splitext(path)[1])
+        self._staged.append((tmp, path))
+        return tmp
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for tmp, _ in self._staged:
+            remove_quietly(tmp)
+        self._staged = []
+        return False
+
+    def commit(self) -> None:
+        with held_signals():
+            aside, placed = [], []
+            try:
+                for tmp, final in self._staged:
+                    if os.path.lexists(final):
+                        old = temp_path(final, ".old")
+                        os.replace(final, old)
+                        aside.append((old, final))
+                for tmp, final in self._staged:
+                    os.replace(tmp, final)
+                    placed.append(final)
+            except BaseException:
+                for final in placed:                 # undo: the new files out, the old back
+                    remove_quietly(final)
+                for old, final in aside:
+                    os.replace(old, final)
+                raise
+            for old, _ in aside:
+                remove_quietly(old)
+            self._staged = []
+
+
+@contextlib.contextmanager
+def kept_unless_bad_input(path: str):
+    """For a file a run rewrites as it goes (a benchmark's results): when the run ends on bad
+    input (MovaInputError) or a full disk, the file is put back as it was before the run, or
+    removed if there was none. Other endings keep what was written (a cut-off run keeps what it
+    measured)."""
+    backup = None
+    if os.path.isfile(path):
+        backup = temp_path(path, ".before")
+        try:
+            os.link(path, backup)         # the same bytes under a second name: no copy, no space
+        except OSError:
+            try:
+                shutil.copy2(path, backup)
+            except OSError:
+                remove_quietly(backup)
+                backup = None             # nothing to put back with: the file stays as written
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, MovaInputError) or disk_full(e) is not None:
+            if backup is not None:
+                os.replace(backup, path)
+                backup = None
+            else:
+                remove_quietly(path)
+        raise
+    finally:
+        if backup is not None:
+            remove_quietly(backup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Termination signals and full disks
+# ---------------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like SIGINT's KeyboardInterrupt: every
+    `except BaseException` / `finally` that removes a temporary file runs (timeout, Slurm, docker
+    and torchrun stop a process with SIGTERM; closing its terminal sends SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _raise_terminated(signum, frame):
+    import signal
+    for name in _STOP_SIGNALS[1:]:          # once is enough: the cleanup must not be cut short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGTERM and SIGHUP raise Terminated inside the block (the main thread only: Python runs
+    handlers there); the previous handlers come back after it."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [n for n in _STOP_SIGNALS[1:] if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), _raise_terminated) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+
+
+@contextlib.contextmanager
+def held_signals():
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (a few renames)."""
+    import signal
+    sigs = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large for the file system"}
+# how wrappers that keep only the message say it (safetensors' Rust errors, torch's zip writer)
+_FULL_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC,
+              "Disk quota exceeded": errno.EDQUOT, "os error 122": errno.EDQUOT,
+              "File too large": errno.EFBIG, "os error 27": errno.EFBIG}
+
+
+def disk_full(err: BaseException) -> str | None:
+    """Why a write failed when the disk is full (or a quota or file size limit is hit), from the
+    exception or its causes: an OSError's errno (PyAV's too) or the text of the wrappers; None for
+    any other error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return _FULL[err.errno]
+        text = str(err)
+        for needle, code in _FULL_TEXT.items():
+            if needle in text:
+                return _FULL[code]
+        err = err.__cause__ or err.__context__
+    return None

@@ -15,6 +15,7 @@ reference's default).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -121,6 +122,9 @@ def merge_lora(components: dict[str, nn.Module], path: str, alpha: float | None 
         warnings.warn(f"LoRA {path} stores no alpha; using {DEFAULT_ALPHA} like the reference "
                       "(pass --lora_alpha to set it)")
         alpha = DEFAULT_ALPHA
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise MovaInputError(f"LoRA {path} stores alpha {alpha}, not a positive finite number: "
+                             "pass --lora_alpha (e.g. 16) to set it")
     planned = []
     for comp, mods in pairs.items():
         if comp not in components or components[comp] is None:
@@ -135,10 +139,19 @@ def merge_lora(components: dict[str, nn.Module], path: str, alpha: float | None 
                 raise MovaInputError(f"LoRA for {comp}.{mpath} is {b.shape[0]}x{a.shape[1]} but "
                                      f"the layer is {tuple(layer.weight.shape)}: the LoRA was "
                                      "trained for another model")
-            planned.append((layer, a, b))
-    for layer, a, b in planned:
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise MovaInputError(f"LoRA for {comp}.{mpath} in {path} holds NaN or Inf "
+                                     "values: the file is damaged; use an intact copy")
+            planned.append((f"{comp}.{mpath}", layer, a, b))
+    for name, layer, a, b in planned:
         r = a.shape[0]
         dev = layer.weight.device
         delta = (b.to(dev, torch.float32) @ a.to(dev, torch.float32)) * (scale * alpha / r)
-        layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+        new = (layer.weight.float() + delta).to(layer.weight.dtype)
+        if not torch.isfinite(new).all():
+            raise MovaInputError(f"merging the LoRA into {name} overflows "
+                                 f"{str(layer.weight.dtype).replace('torch.', '')} (--lora_scale "
+                                 f"{scale:g}, alpha {alpha:g}, rank {r}): lower --lora_scale or "
+                                 "--lora_alpha")
+        layer.weight.copy_(new)     # (a refusal midway leaves a model the caller discards)
     return len(planned)

@@ -49,3 +49,16 @@ def autograd_leaks(obj, name: str = "", depth: int = 0) -> list:
     for k, v in items:
         out += autograd_leaks(v, f"{name}.{k}" if name else str(k), depth + 1)
     return out
+
+
+def refused(capsys, argv: list) -> str:
+    """Runs `mova-rt ARGV` in this process and checks the promise for bad input: exit code 2,
+    exactly one `error:` line on stderr, no traceback. Returns that line."""
+    from mova_rt.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
+    return errors[0]

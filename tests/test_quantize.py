@@ -211,7 +211,8 @@ def test_quantize_command_and_generate_flag(tmp_path, tiny_ckpt):
     (["--prompt", "x"], "--prompt describe calibration inputs: add --calibrate"),
     (["--calib_steps", "4"], "--calib_steps describe calibration inputs"),
     (["--calibrate"], "needs at least one --prompt"),
-    (["--calibrate", "--prompt", "x", "--calib_steps", "0"], "--calib_steps must be at least 1"),
+    (["--calibrate", "--prompt", "x", "--calib_steps", "0"], "--calib_steps 0 must be an integer "
+                                                             "of at least 1"),
 ])
 def test_quantize_calibrate_flags_are_checked(tiny_ckpt, tmp_path, capsys, extra, words):
     from mova_rt.cli import main

@@ -58,20 +58,10 @@ def load(path: str, ckpt: str, device="cpu") -> dict:
     """{component: {layer: (w_q, w_scale, input_scale or None)}} from a folder written by `save`,
     after checking it
     belongs to `ckpt` and is complete. Raises MovaInputError naming the problem and the fix."""
+    from ..validate.manifests import check_fp8_manifest, read_fp8_manifest
     redo = f"mova-rt quantize --ckpt_path {ckpt} --out NEW_FOLDER"
-    try:
-        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise MovaInputError(f"--fp8_weights {path} has no manifest.json: point it at a folder "
-                             f"written by `{redo}`") from None
-    except (OSError, ValueError) as e:
-        raise MovaInputError(f"--fp8_weights {path}: manifest.json is unreadable ({e}): write it "
-                             f"again with `{redo}`") from None
-    if manifest.get("format") != FORMAT or manifest.get("scheme") != SCHEME:
-        raise MovaInputError(f"--fp8_weights {path} is {manifest.get('format')} / "
-                             f"{manifest.get('scheme')}, this mova-rt reads {FORMAT} / {SCHEME}: "
-                             f"write it again with `{redo}`")
+    manifest = read_fp8_manifest(path, redo)
+    check_fp8_manifest(manifest, path, redo)        # format, then every field's type
     if manifest.get("source_digest") != source_digest(ckpt):
         raise MovaInputError(f"--fp8_weights {path} was quantized from another checkpoint "
                              f"({manifest.get('source')}), not {ckpt}: use its own fp8 weights "
@@ -111,9 +101,11 @@ def load(path: str, ckpt: str, device="cpu") -> dict:
 def activations_of(path: str) -> set:
     """The activation modes ("static-tensor", "dynamic-token") of an fp8 weights folder's
     components, from its manifest (empty when it has none: `load` names that problem)."""
+    from ..validate.manifests import check_fp8_manifest, read_fp8_manifest
     try:
-        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
-            comps = json.load(fh).get("components", {})
-        return {entry.get("activations", "dynamic-token") for entry in comps.values()}
-    except (OSError, ValueError, AttributeError):
+        manifest = read_fp8_manifest(path, "mova-rt quantize")
+        check_fp8_manifest(manifest, path, "mova-rt quantize")
+    except MovaInputError:
         return set()
+    return {entry.get("activations", "dynamic-token")
+            for entry in manifest["components"].values()}
