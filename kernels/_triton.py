@@ -30,15 +30,19 @@ SHARED_MEMORY_LIMIT = {90: 232448, 89: 101376, 80: 166912}
 
 
 def compile_for(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                num_stages: int = 3):
+                num_stages: int = 3, divisible: tuple = ()):
     """Compile `kernel` (a @triton.jit function) for sm_<arch>. signature maps every argument to
     its Triton type ("*bf16", "i32", "fp32", or "constexpr"); constexprs gives the constexpr
-    values. Returns the compiled kernel (`.metadata.shared`, `.asm["ptx"]`, ...)."""
+    values; divisible names the arguments (pointers, strides) known to be multiples of 16, as
+    the JIT specializes them at launch (it is what lets loads be vectorised). Returns the
+    compiled kernel (`.metadata.shared`, `.asm["ptx"]`, ...)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or None)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -90,9 +94,10 @@ def _compile_row(module_name: str, index: int, arch: int, details: bool,
             knobs.nvidia.dump_ptxas_log = True
             stack.enter_context(contextlib.redirect_stdout(log))
         k = compile_for(case["kernel"], case["signature"], case["constexprs"], arch,
-                        case["num_warps"], case.get("num_stages", 3))
+                        case["num_warps"], case.get("num_stages", 3), case.get("divisible", ()))
     row = {"name": case["name"], "arch": arch, "shared": k.metadata.shared,
-           "limit": SHARED_MEMORY_LIMIT[arch], "wgmma": "wgmma" in k.asm["ptx"]}
+           "limit": SHARED_MEMORY_LIMIT[arch], "wgmma": "wgmma" in k.asm["ptx"],
+           "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", k.asm["ptx"]))}
     if details:
         row.update(ptx_checks(k.asm["ptx"], arch, ptxas_log=log.getvalue()))
     if case["name"] in toolkit_ptxas:

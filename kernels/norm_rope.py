@@ -143,5 +143,7 @@ COMPILE_CASES = [
      "signature": _signature(mode),
      "constexprs": {"HEADS": h, "HEAD_DIM": 128, "ROPE": mode,
                     "BLOCK": triton.next_power_of_2(h * 64)},
-     "num_warps": 8 if h * 64 >= 2048 else 4}
+     "num_warps": 8 if h * 64 >= 2048 else 4,
+     # MOVA's strides and pointers are multiples of 16 elements, as the JIT will see them
+     "divisible": ("X", "W", "COS", "SIN", "OUT", "stride_xb", "stride_xl", "stride_tab")}
     for h in (40, 12) for mode in (ROPE_NONE, ROPE_INTERLEAVED, ROPE_ROTATE_HALF)]

@@ -42,11 +42,12 @@ NUMBERS = {
     "opt_batch": (Int(1, 64), "2"), "calib_steps": (STEPS, "8"),
     "warmup": (Int(0, 10000), "2"), "steps": (Int(0, 100000), "3"),
     "cold_steps": (Int(2, 10000), "3"), "config_timeout": (SECONDS, "900"),
-    "child_of": (Int(1, (1 << 31) - 1), "1"),
+    "child_of": (Int(1, (1 << 31) - 1), "1"), "op_seconds": (Real(0.0, 3600.0, lo_open=True), "1"),
 }
 # argparse dest -> the flag as typed, where they differ
 SPELLING = {"vram_budget": "--vram-budget", "cold_steps": "--cold-steps",
-            "config_timeout": "--config-timeout", "child_of": "--child-of"}
+            "config_timeout": "--config-timeout", "child_of": "--child-of",
+            "op_seconds": "--op-seconds"}
 
 # dest -> what the path must be, per command
 FILE, FOLDER, EITHER = "a regular file", "a folder", "a regular file or a folder"
