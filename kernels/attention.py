@@ -242,16 +242,32 @@ def shared_limit_of(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
 
 
-def _prune(configs, named_args, **kwargs):
-    limit = shared_limit_of(named_args["Q"])
-    return [c for c in configs if config_fits(c, kwargs["HEAD_DIM"], limit)]
+def autotuned(kernel, fits, device_arg: str):
+    """`kernel` under @triton.autotune over all_configs(), pruned to those `fits(config,
+    head_dim, shared_limit)` accepts on the GPU of the tensor argument `device_arg`; the timings
+    go to Triton's disk cache (cache_results), so a shape is tuned once, not per process."""
+    def prune(configs, named_args, **kwargs):
+        limit = shared_limit_of(named_args[device_arg])
+        return [c for c in configs if fits(c, kwargs["HEAD_DIM"], limit)]
+    return triton.autotune(configs=all_configs(), key=["Lq", "CHUNK", "HEAD_DIM", "SPLIT"],
+                           prune_configs_by={"early_config_prune": prune},
+                           cache_results=True)(kernel)
 
 
-# cache_results: the timings go to Triton's disk cache, so a shape is tuned once, not per process
-_attention_tuned = triton.autotune(
-    configs=all_configs(), key=["Lq", "CHUNK", "HEAD_DIM", "SPLIT"],
-    prune_configs_by={"early_config_prune": _prune},
-    cache_results=True)(_attention_kernel)
+def launch(kernel, tuned, args: tuple, meta: dict, lq: int, heads: int, bsz: int,
+           log_splits: int) -> None:
+    """One launch over (query blocks x 2^log_splits key splits, heads, batch): the autotuned
+    kernel on a GPU, the plain one with the interpreter's tiles under TRITON_INTERPRET
+    (@triton.autotune with several configs needs a GPU)."""
+    if INTERPRET:
+        grid = (triton.cdiv(lq, INTERPRET_BLOCK_M) << log_splits, heads, bsz)
+        kernel[grid](*args, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N, **meta)
+    else:
+        grid = lambda c: (triton.cdiv(lq, c["BLOCK_M"]) << log_splits, heads, bsz)  # noqa: E731
+        tuned[grid](*args, **meta)
+
+
+_attention_tuned = autotuned(_attention_kernel, config_fits, "Q")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,13 +382,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                 out.stride(2), scale)
         meta = dict(HEAD_DIM=d, SPLIT=log_splits > 0, INTERPRET=INTERPRET)
-        if INTERPRET:   # one config: @triton.autotune with several needs a GPU
-            grid = (triton.cdiv(lq, INTERPRET_BLOCK_M) << log_splits, heads, bsz)
-            _attention_kernel[grid](*args, BLOCK_M=INTERPRET_BLOCK_M,
-                                    BLOCK_N=INTERPRET_BLOCK_N, **meta)
-        else:
-            grid = lambda c: (triton.cdiv(lq, c["BLOCK_M"]) << log_splits, heads, bsz)  # noqa
-            _attention_tuned[grid](*args, **meta)
+        launch(_attention_kernel, _attention_tuned, args, meta, lq, heads, bsz, log_splits)
 
     launch_split(run, lq, lk, heads, bsz, d, splits, out)
     return out

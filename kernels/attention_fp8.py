@@ -52,9 +52,9 @@ import triton
 import triton.language as tl
 
 from ._triton import INTERPRET, SHARED_MEMORY_LIMIT, round_bf16, round_e4m3
-from .attention import (HEAD_DIMS, LOG2E, _signature, _sm_count, all_configs, check_qkv,
-                        config_fits, launch_split, shared_limit_of, small_and_large,
-                        split_count, tma_scratch)
+from .attention import (HEAD_DIMS, INTERPRET_BLOCK_N, LOG2E, _signature, _sm_count,
+                        all_configs, autotuned, check_qkv, config_fits, launch, launch_split,
+                        small_and_large, split_count, tma_scratch)  # noqa: F401
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -64,7 +64,6 @@ Q_BLOCK, K_BLOCK = 64, 128          # quantization blocks (tokens); K_BLOCK >= e
 STATS_BLOCK = 128                   # keys per program of the statistics and v passes
 PROLOGUE_SUB = 32                   # rows per sweep of the q/k quantizing pass
 PROLOGUE_WARPS = 8                  # the statistics and v passes hold [128, D] tiles
-INTERPRET_BLOCK_M, INTERPRET_BLOCK_N = 32, 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,16 +319,7 @@ def configs_for(head_dim: int, shared_limit: int = SHARED_MEMORY_LIMIT[90]) -> l
     return [c for c in all_configs() if config_fits_fp8(c, head_dim, shared_limit)]
 
 
-def _prune(configs, named_args, **kwargs):
-    limit = shared_limit_of(named_args["O"])
-    return [c for c in configs if config_fits_fp8(c, kwargs["HEAD_DIM"], limit)]
-
-
-# cache_results: the timings go to Triton's disk cache, so a shape is tuned once, not per process
-_attention_fp8_tuned = triton.autotune(
-    configs=all_configs(), key=["Lq", "CHUNK", "HEAD_DIM", "SPLIT"],
-    prune_configs_by={"early_config_prune": _prune},
-    cache_results=True)(_attention_fp8_kernel)
+_attention_fp8_tuned = autotuned(_attention_fp8_kernel, config_fits_fp8, "O")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,13 +389,8 @@ def _attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_
                 s_k.shape[2], chunk, log_splits, out.stride(0), out.stride(1), out.stride(2))
         meta = dict(HEAD_DIM=d, Q_BLOCK=Q_BLOCK, K_BLOCK=K_BLOCK, SPLIT=log_splits > 0,
                     INTERPRET=INTERPRET)
-        if INTERPRET:   # one config: @triton.autotune with several needs a GPU
-            grid = (triton.cdiv(lq, INTERPRET_BLOCK_M) << log_splits, heads, bsz)
-            _attention_fp8_kernel[grid](*args, BLOCK_M=INTERPRET_BLOCK_M,
-                                        BLOCK_N=INTERPRET_BLOCK_N, **meta)
-        else:
-            grid = lambda c: (triton.cdiv(lq, c["BLOCK_M"]) << log_splits, heads, bsz)  # noqa
-            _attention_fp8_tuned[grid](*args, **meta)
+        launch(_attention_fp8_kernel, _attention_fp8_tuned, args, meta, lq, heads, bsz,
+               log_splits)
 
     launch_split(run, lq, lk, heads, bsz, d, splits, out)
     return out

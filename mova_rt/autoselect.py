@@ -27,7 +27,6 @@ and holds, per GPU and op kind, every candidate's median time and the pick.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -161,31 +160,11 @@ def choose(device=None, path: str | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mova_rt.autoselect",
-                                 description="Build the table of --kernels auto from GPU runs of "
-                                             "mova-rt bench --ops --preset mova-360p")
-    ap.add_argument("results", nargs="+", help="bench results JSON files (GPU runs with --ops)")
-    ap.add_argument("--out", default=TABLE)
-    args = ap.parse_args(argv)
-    try:
-        loaded = []
-        for name in args.results:
-            with open(name, encoding="utf-8") as fh:
-                loaded.append((name, json.load(fh)))
-        table = build(loaded)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(table, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, args.out)
-    for e in table["entries"]:
-        print(f"{e['device_name']}: {e['kind']} -> {e['pick']} ({e['ms']})")
-    print(f"wrote {args.out}: {len(table['entries'])} entries from {len(table['sources'])} files")
-    return 0
+    from .measured import table_main
+    return table_main(argv, "python -m mova_rt.autoselect",
+                      "Build the table of --kernels auto from GPU runs of mova-rt bench --ops "
+                      "--preset mova-360p", build, TABLE,
+                      lambda e: f"{e['device_name']}: {e['kind']} -> {e['pick']} ({e['ms']})")
 
 
 if __name__ == "__main__":

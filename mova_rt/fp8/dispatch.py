@@ -20,7 +20,6 @@ The table (mova_rt/data/fp8_dispatch.json, format `mova-rt-fp8-dispatch/2`) is b
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -122,31 +121,12 @@ def device_name(device) -> tuple | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mova_rt.fp8.dispatch",
-                                 description="Build the fp8 GEMM dispatch table from bench results")
-    ap.add_argument("results", nargs="+", help="mova-rt bench --ops JSON files (GPU runs)")
-    ap.add_argument("--out", default=TABLE)
-    args = ap.parse_args(argv)
-    try:
-        loaded = []
-        for name in args.results:
-            with open(name, encoding="utf-8") as fh:
-                loaded.append((name, json.load(fh)))
-        table = build(loaded)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(table, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, args.out)
-    for e in table["entries"]:
-        print(f"{e['device_name']}: [{e['n']}, {e['k']}] on {e['m']} {e['rows']} rows -> "
-              f"{e['pick']} ({e['ms']})")
-    print(f"wrote {args.out}: {len(table['entries'])} shapes from {len(table['sources'])} files")
-    return 0
+    from ..measured import table_main
+    return table_main(argv, "python -m mova_rt.fp8.dispatch",
+                      "Build the fp8 GEMM dispatch table from bench results",
+                      build, TABLE,
+                      lambda e: f"{e['device_name']}: [{e['n']}, {e['k']}] on {e['m']} "
+                                f"{e['rows']} rows -> {e['pick']} ({e['ms']})")
 
 
 if __name__ == "__main__":
