@@ -72,6 +72,8 @@ else
     case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 fi
 export PYTHONUNBUFFERED=1
+# on a CPU (the smoke run) mova-rt's Triton kernels run through Triton's interpreter
+[ "$device" = cpu ] && export TRITON_INTERPRET=1
 cd /tmp                      # the source tree's mova_rt/ must not shadow the installed package
 dev=()
 [ -n "$device" ] && dev=(--device "$device")

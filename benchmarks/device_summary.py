@@ -170,7 +170,7 @@ def markdown(s: dict) -> str:
         lines.append(
             f"| {r['name']} | " + (f"{m:.3f} [{r['step_s']['min']:.3f}-{r['step_s']['max']:.3f}]"
                                    if m else "-") +
-            f" | {m / ref:.3f}" * bool(m and ref) + " |" * (not (m and ref)) +
+            (f" | {m / ref:.3f}" if m and ref else " | -") +
             (f" | {r['tflops']:.0f}" if m else " | -") +
             (f" | {r['peak_vram_allocated_gib']:.2f} | {r.get('peak_rss_process_gib', r.get('peak_rss_gib', 0)):.2f}"
              if m else " | - | -") +
