@@ -350,3 +350,27 @@ def test_fp8_weights_replace_the_bf16_weights_unread(tiny_ckpt, fp8_dir, monkeyp
     assert len(quantized) > 8 and not quantized & seen
     assert ("video_dit", "blocks.0.self_attn.q.bias") in seen
     assert not any(p.is_meta for m in (pipe.video_dit, pipe.bridge) for p in m.parameters())
+
+
+def test_one_quantization_feeds_every_gemm_that_reads_an_input(tiny_ckpt, monkeypatch):
+    """Outside fused blocks, the fp8 q/k/v GEMMs and the bridge's fp8 k/v GEMMs read one
+    per-token quantization of their input (counted), with the same values as each layer
+    quantizing it itself."""
+    from mova_rt.fp8 import block as fp8_block
+    from mova_rt.models.bridge import ConditionalCrossAttention
+    pipe = MovaPipeline.from_pretrained(tiny_ckpt, dtype="bf16", precision="fp8",
+                                        kernels="reference")
+    v2a = pipe.bridge.video_to_audio_conditioners[str(pipe.bridge.layers[0])].inner
+    sa = pipe.video_dit.blocks[0].self_attn
+    assert type(v2a) is fp8_block.Fp8SharedCrossAttention
+    assert type(sa) is fp8_block.Fp8SharedSelfAttention
+    calls = []
+    real = fp8_block.quantize_activations
+    monkeypatch.setattr(fp8_block, "quantize_activations", lambda x: calls.append(x) or real(x))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 36, v2a.q.in_features, generator=g).to(torch.bfloat16)
+    y = torch.randn(1, 120, v2a.k.in_features, generator=g).to(torch.bfloat16)
+    shared = v2a(x, y)
+    assert len(calls) == 1 and calls[0].shape == (120, v2a.k.in_features)    # y, once
+    v2a.__class__ = ConditionalCrossAttention                    # each layer quantizes y itself
+    assert torch.equal(v2a(x, y), shared)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.video_dit import DiTBlock
-from .quantize import Fp8Linear
+from ..models.bridge import ConditionalCrossAttention
+from ..models.video_dit import DiTBlock, SelfAttention
+from .quantize import Fp8Linear, quantize_activations
 
 
 class Fp8DiTBlock(DiTBlock):
@@ -79,5 +80,60 @@ def fuse(module: torch.nn.Module) -> int:
     for m in module.modules():
         if fusable(m):
             m.__class__ = Fp8DiTBlock
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention modules outside fused blocks: one quantization of an input read by several GEMMs
+# ---------------------------------------------------------------------------------------------
+def _quantized(x: torch.Tensor) -> tuple:
+    """x [B, L, K] -> (e4m3 [B*L, K], fp32 [B*L]), quantized per token once."""
+    return quantize_activations(x.reshape(-1, x.shape[-1]))
+
+
+class Fp8SharedSelfAttention(SelfAttention):
+    """SelfAttention whose fp8 q, k and v GEMMs read one per-token quantization of x."""
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        b, l, _ = x.shape
+        h = _quantized(x)
+        q, k, v = (lin.forward_quantized(*h, x.dtype).view(b, l, self.num_heads, -1)
+                   for lin in (self.q, self.k, self.v))
+        out = self.ops.self_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
+                                      self.norm_q.eps, rope)
+        return self.o(out.reshape(b, l, -1))
+
+
+class Fp8SharedCrossAttention(ConditionalCrossAttention):
+    """The bridge's conditional cross-attention whose fp8 k and v GEMMs read one per-token
+    quantization of the other tower's states (for v2a: the 43,120 video tokens)."""
+
+    def forward(self, x, y, x_rope=None, y_rope=None):
+        b, l, _ = x.shape
+        ly = y.shape[1]
+        q = self.q(x).view(b, l, self.num_heads, -1)
+        h = _quantized(y)
+        k, v = (lin.forward_quantized(*h, y.dtype).view(b, ly, self.num_heads, -1)
+                for lin in (self.k, self.v))
+        out = self.ops.cross_attention(q, k, v, self.norm_q.weight, self.norm_k.weight,
+                                       self.norm_q.eps, x_rope, y_rope)
+        return self.o(out.reshape(b, l, -1))
+
+
+_SHARED = {SelfAttention: (Fp8SharedSelfAttention, ("q", "k", "v")),
+           ConditionalCrossAttention: (Fp8SharedCrossAttention, ("k", "v"))}
+
+
+def share_inputs(module: torch.nn.Module) -> int:
+    """Every attention module of `module` whose GEMMs reading one input are all fp8 with
+    per-token scales quantizes that input once (its class changes; parameters stay). Returns
+    how many."""
+    n = 0
+    for m in module.modules():
+        shared = _SHARED.get(type(m))
+        if shared and all(isinstance(getattr(m, name), Fp8Linear)
+                          and getattr(m, name).input_scale is None for name in shared[1]):
+            m.__class__ = shared[0]
             n += 1
     return n

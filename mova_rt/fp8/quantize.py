@@ -213,7 +213,8 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
     (`plan`; layers it keeps in bf16 stay Linear). device: where the fp8 layers go, each
     quantized there one at a time, so a model loaded in host memory never has its bf16 weights
     on the GPU (None: where each layer is). producers: DiT blocks whose GEMMs are all fp8 take
-    their inputs quantized by the kernels that produce them (mova_rt/fp8/block.py; Triton).
+    their inputs quantized by the kernels that produce them (mova_rt/fp8/block.py; Triton);
+    elsewhere the fp8 q/k/v (and the bridge's k/v) GEMMs share one quantization of their input.
     Returns the fp8 weights used (for `save`)."""
     if gemm not in GEMMS and gemm != "auto":
         raise MovaInputError(f"unknown fp8 GEMM backend {gemm!r}: choose auto, "
@@ -254,9 +255,10 @@ def apply(modules: dict, weights: dict | None = None, gemm: str = "scaled_mm",
                                          None if in_scale is None else in_scale.to(dev)))
             used[component][name] = (w_q, w_scale, in_scale)
             del linear                                   # its bf16 weight is freed here
+        from . import block
         if producers:
-            from . import block
             block.fuse(module)
+        block.share_inputs(module)      # one quantization per input read by several GEMMs
     return used
 
 
