@@ -62,3 +62,28 @@ def refused(capsys, argv: list) -> str:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
     return errors[0]
+
+
+def check_hopper_properties(rows: list, loop_kernel: str, wgmma: str, elt: int = 2) -> list:
+    """The compile-check rows (kernels/_triton.compile_report with details) of an attention
+    module: shared memory within the SM, no spills, stack or local memory, no integer division
+    anywhere; for the key-loop kernels (names starting with `loop_kernel`) `wgmma` tensor-core
+    instructions in the loop, no mma.sync, no division there, shared memory under the prune
+    predicate's estimate. Returns (row, block_m, block_n, head_dim) of the loop kernels."""
+    from mova_rt.kernels.attention import shared_bytes
+    loops = []
+    for r in rows:
+        print(f"{r['name']:44s} regs {r['registers']:3d} shared {r['shared']:6d} "
+              f"wgmma/loop {r['loop_wgmma_count']}")
+        assert r["shared"] <= r["limit"], r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, r
+        assert r["local_insts"] == 0 and r["int_div"] == 0, r
+        if r["name"].startswith(loop_kernel):
+            assert r["loop_found"] and r["loop_wgmma"] == [wgmma], r
+            assert r["loop_mma_sync"] == 0 and r["loop_float_div"] == 0, r
+            name = r["name"].split()
+            bm, bn = (int(x) for x in name[3].split("x"))
+            d, stages = int(name[1][2:]), int(name[5][1:])
+            assert r["shared"] <= shared_bytes(bm, bn, d, stages, elt=elt), r
+            loops.append((r, bm, bn, d))
+    return loops

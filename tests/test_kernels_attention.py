@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import triton_compile_report
+from helpers import check_hopper_properties, triton_compile_report
 from mova_rt.ops import apply_rope_rotate_half, resolve, rms_norm_heads, rope_interleaved_f32
 from mova_rt.rope import InterleavedRope, RotateHalfRope
 
@@ -158,19 +158,7 @@ def test_every_variant_has_the_hopper_properties(compiled):
     no spills or local memory, no integer division anywhere, no division in the loop, shared
     memory within the SM and under the prune predicate's estimate."""
     assert len(compiled) == len(attention.COMPILE_CASES)
-    for r in compiled:
-        print(f"{r['name']:42s} regs {r['registers']:3d} shared {r['shared']:6d} "
-              f"wgmma/loop {r['loop_wgmma_count']}")
-        assert r["shared"] <= r["limit"], r
-        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, r
-        assert r["local_insts"] == 0 and r["int_div"] == 0, r
-        if r["name"].startswith("attention"):
-            assert r["loop_found"] and r["loop_wgmma"] == ["bf16.bf16"], r
-            assert r["loop_mma_sync"] == 0 and r["loop_float_div"] == 0, r
-            bm, bn = (int(x) for x in r["name"].split()[3].split("x"))
-            d = int(r["name"].split()[1][2:])
-            stages = int(r["name"].split()[5][1:])
-            assert r["shared"] <= attention.shared_bytes(bm, bn, d, stages), r
+    assert check_hopper_properties(compiled, "attention", "bf16.bf16")
 
 
 def test_toolkit_ptxas_agrees(compiled):

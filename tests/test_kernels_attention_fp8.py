@@ -19,7 +19,7 @@ e4m3 more precise than it is.
 import pytest
 import torch
 
-from helpers import triton_compile_report
+from helpers import check_hopper_properties, triton_compile_report
 
 att8 = pytest.importorskip("mova_rt.kernels.attention_fp8")
 attention = pytest.importorskip("mova_rt.kernels.attention")
@@ -159,21 +159,9 @@ def test_every_variant_has_the_hopper_properties(compiled):
     loop are e4m3 wgmma (no mma.sync), no spills or local memory, no integer division anywhere,
     no division in the loop, shared memory within the SM and under the prune estimate."""
     assert len(compiled) == len(att8.COMPILE_CASES)
-    for r in compiled:
-        print(f"{r['name']:44s} regs {r['registers']:3d} shared {r['shared']:6d} "
-              f"wgmma/loop {r['loop_wgmma_count']}")
-        assert r["shared"] <= r["limit"], r
-        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, r
-        assert r["local_insts"] == 0 and r["int_div"] == 0, r
-        if r["name"].startswith("attention_fp8"):
-            assert r["loop_found"] and r["loop_wgmma"] == ["e4m3.e4m3"], r
-            assert r["loop_mma_sync"] == 0 and r["loop_float_div"] == 0, r
-            name = r["name"].split()
-            bm, bn = (int(x) for x in name[3].split("x"))
-            d, stages = int(name[1][2:]), int(name[5][1:])
-            assert r["shared"] <= attention.shared_bytes(bm, bn, d, stages, elt=1), r
-            # QK^T and PV each take D/32 resp. BLOCK_N/32 k-steps per warpgroup tile
-            assert r["loop_wgmma_count"] >= d // 32 + bn // 32, r
+    for r, _, bn, d in check_hopper_properties(compiled, "attention_fp8", "e4m3.e4m3", elt=1):
+        # QK^T and PV each take D/32 resp. BLOCK_N/32 k-steps per warpgroup tile
+        assert r["loop_wgmma_count"] >= d // 32 + bn // 32, r
 
 
 def test_toolkit_ptxas_agrees(compiled):
