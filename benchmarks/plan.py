@@ -108,7 +108,23 @@ def _count_per_tower(counter: FlopCounterMode, towers: dict) -> tuple[dict, list
     return counted, handles
 
 
+# (id of the config, shapes, kernels) -> (the config, its plan): a command that checks a clip's
+# memory before it starts (mova_rt/validate/memory.py) and then reports the same plan (bench) or
+# estimates offload from it (generate) traces the full-size forward once, not twice (seconds at
+# 720p); the config is held so its id cannot be reused.
+_PLANS: dict = {}
+
+
 def meta_plan(cfg: MovaConfig, s: Shapes, kernels: str = "reference") -> dict:
+    """The plan of one forward at the clip's shapes, traced on the meta device (module
+    docstring); computed once per (config, shapes, kernels) in a process."""
+    key = (id(cfg), s, kernels)
+    if key not in _PLANS:
+        _PLANS[key] = (cfg, _meta_plan(cfg, s, kernels))
+    return _PLANS[key][1]
+
+
+def _meta_plan(cfg: MovaConfig, s: Shapes, kernels: str) -> dict:
     tracker = LiveBytes()
     ops = resolve(kernels, wrap_attention=_opaque_attention(tracker))
     with torch.device("meta"):
